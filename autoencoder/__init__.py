@@ -1,0 +1,1 @@
+"""autoencoder: the KL-regularised image autoencoder that maps images to latents."""
