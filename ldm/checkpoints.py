@@ -1,0 +1,208 @@
+"""Reading and writing weights: safetensors everywhere, pickles only through ``weights_only``.
+
+A state dict here is a flat ``{name: tensor}``. Our own saved models keep the original
+single-file Stable Diffusion key names, grouped under three prefixes:
+
+=========================  ==================
+prefix                     component
+=========================  ==================
+``model.diffusion_model.``  U-Net
+``first_stage_model.``      autoencoder (VAE)
+``cond_stage_model.``       text encoder
+=========================  ==================
+
+Every failure a user can cause (missing file, truncated file, a pickle that tries to run
+code, keys that do not fit the model) raises :class:`ldm.errors.CheckpointError` with a
+one-line message.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from ldm.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIX = "cond_stage_model."
+COMPONENT_PREFIXES = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": TEXT_PREFIX}
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def load_state_dict(path: str | Path, *, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Load a flat state dict from ``.safetensors`` or a weights-only pickle (``.ckpt``/``.pt``).
+
+    Pickles are read with ``torch.load(weights_only=True)``, which refuses to call any
+    function while unpickling; a file that tries is reported as unsafe. A ``state_dict``
+    entry (as in CompVis ``.ckpt`` files) is unwrapped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"weights file is empty: {path}")
+    if path.suffix in SAFETENSORS_SUFFIXES:
+        return _load_safetensors(path, device)
+    if path.suffix in PICKLE_SUFFIXES:
+        return _load_weights_only_pickle(path, device)
+    raise CheckpointError(f"unsupported weights file type {path.suffix!r}: {path} (use .safetensors or .ckpt)")
+
+
+def _load_safetensors(path: Path, device: str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=device)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"corrupt or truncated safetensors file {path}: {_first_line(error)}") from None
+
+
+def _load_weights_only_pickle(path: Path, device: str) -> dict[str, torch.Tensor]:
+    try:
+        data = torch.load(str(path), map_location=device, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"refusing to load {path}: it is not a plain weights file "
+            f"(unpickling would run code: {_first_line(error)})"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise CheckpointError(f"corrupt or truncated checkpoint {path}: {_first_line(error)}") from None
+    if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
+        data = data["state_dict"]
+    if not isinstance(data, Mapping) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise CheckpointError(f"{path} does not hold a flat mapping of tensor names to tensors")
+    return dict(data)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def save_safetensors_atomic(
+    tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str] | None = None
+) -> None:
+    """Write ``tensors`` to ``path`` so that a crash never leaves a half-written file.
+
+    The file is written beside its destination, flushed to disk, then renamed over it
+    (``os.replace`` is atomic on POSIX and Windows).
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    contiguous = {name: t.detach().contiguous() for name, t in tensors.items()}
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file(contiguous, temp_name, metadata=dict(metadata) if metadata else None)
+        with open(temp_name, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+def split_components(state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Split an original-layout state dict into ``{"unet": ..., "vae": ..., "text_encoder": ...}``.
+
+    Keys lose their component prefix. Keys under no known prefix are returned under ``"other"``
+    (e.g. ``model_ema.*``, ``betas``, ``alphas_cumprod`` in CompVis checkpoints).
+    """
+    parts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in (*COMPONENT_PREFIXES, "other")}
+    for key, tensor in state_dict.items():
+        for name, prefix in COMPONENT_PREFIXES.items():
+            if key.startswith(prefix):
+                parts[name][key[len(prefix):]] = tensor
+                break
+        else:
+            parts["other"][key] = tensor
+    return parts
+
+
+def join_components(parts: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`split_components` for the three model components."""
+    joined = {}
+    for name, prefix in COMPONENT_PREFIXES.items():
+        joined.update({prefix + key: tensor for key, tensor in parts.get(name, {}).items()})
+    return joined
+
+
+def load_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, what: str) -> None:
+    """Copy ``state_dict`` into ``module`` strictly; any mismatch is a one-line error naming keys.
+
+    Raises:
+        CheckpointError: on missing keys, unexpected keys or shape mismatches (the first few
+            of each are named, with counts).
+    """
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [
+        f"{k} {tuple(state_dict[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state_dict and state_dict[k].shape != expected[k].shape
+    ]
+    problems = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+        if keys:
+            shown = ", ".join(keys[:3]) + (f", ... ({len(keys)} in all)" if len(keys) > 3 else "")
+            problems.append(f"{label}: {shown}")
+    if problems:
+        raise CheckpointError(f"{what} weights do not fit the model ({'; '.join(problems)})")
+    module.load_state_dict(state_dict, strict=True)
+
+
+class atomic_folder:
+    """Context manager that builds a folder beside ``path`` and moves it into place on success.
+
+    Inside the ``with`` block, write into the yielded temporary folder. On a clean exit it
+    replaces ``path`` (an existing folder there is moved aside first, then deleted); on an
+    error the temporary folder is removed and ``path`` is left untouched.
+
+    A non-empty existing folder is only replaced when it holds one of ``model_markers``
+    (i.e. it is a saved model); anything else is refused, so user files are never deleted.
+    """
+
+    def __init__(self, path: str | Path, model_markers: tuple[str, ...] = ("config.yaml", "model_index.json")) -> None:
+        self.path = Path(path)
+        self.model_markers = model_markers
+
+    def __enter__(self) -> Path:
+        if self.path.exists():
+            if not self.path.is_dir():
+                raise CheckpointError(f"cannot save to {self.path}: it is a file")
+            is_model = any((self.path / marker).exists() for marker in self.model_markers)
+            if any(self.path.iterdir()) and not is_model:
+                raise CheckpointError(f"cannot save to {self.path}: folder exists and is not a saved model")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.temp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent))
+        return self.temp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        import shutil
+
+        if exc_type is not None:
+            shutil.rmtree(self.temp, ignore_errors=True)
+            return
+        if self.path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".old", dir=self.path.parent))
+            os.replace(self.path, old / "previous")
+            os.replace(self.temp, self.path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.temp, self.path)

@@ -1,0 +1,120 @@
+"""The pipeline's configuration: one typed dataclass per component, and strict YAML I/O.
+
+Each component's config lives beside the class it builds (``UNetConfig`` in ``ldm.unet``,
+``AutoencoderConfig`` in ``autoencoder.model``, ...); this module bundles them into
+:class:`PipelineConfig` and reads/writes the ``config.yaml`` of a saved model. Loading is
+strict: an unknown key is an error naming its dotted path (``unet.model_chanels``), so a
+typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from autoencoder.model import AutoencoderConfig
+from ldm.errors import ConfigError
+from ldm.schedule import ScheduleConfig
+from ldm.text_encoders import TextEncoderConfig
+from ldm.unet import UNetConfig
+
+
+@dataclass
+class SamplingDefaults:
+    """What ``pipe(prompt)`` does when the caller does not say: the model's native settings."""
+
+    height: int = 512
+    width: int = 512
+    steps: int = 30
+    guidance_scale: float = 7.5
+    sampler: str = "dpmpp_2m"
+    karras: bool = False
+    eta: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SamplingDefaults":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown key {unknown[0]!r}")
+        return cls(**d)
+
+
+# (section name in config.yaml, config class)
+_SECTIONS = {
+    "unet": UNetConfig,
+    "vae": AutoencoderConfig,
+    "text_encoder": TextEncoderConfig,
+    "schedule": ScheduleConfig,
+    "sampling": SamplingDefaults,
+}
+
+
+@dataclass
+class PipelineConfig:
+    """Everything needed to build a :class:`ldm.Txt2ImgPipeline` with random weights."""
+
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    vae: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name).to_dict() for name in _SECTIONS}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> "PipelineConfig":
+        """Build from nested dicts; errors name the offending dotted key and the source."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a mapping at the top level, got {type(d).__name__}")
+        unknown = sorted(set(d) - set(_SECTIONS))
+        if unknown:
+            raise ConfigError(f"{source}: unknown key {unknown[0]!r} (expected some of {sorted(_SECTIONS)})")
+        sections = {}
+        for name, config_class in _SECTIONS.items():
+            values = d.get(name) or {}
+            try:
+                sections[name] = config_class.from_dict(values)
+            except (TypeError, ValueError, KeyError) as error:
+                raise ConfigError(f"{source}: {name}: {_strip_quotes(error)}") from None
+        return cls(**sections)
+
+
+def _strip_quotes(error: Exception) -> str:
+    text = str(error)
+    return text[1:-1] if isinstance(error, KeyError) and text.startswith("'") else text
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    """Read a pipeline ``config.yaml`` strictly (see module docstring)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    return PipelineConfig.from_dict(data or {}, source=str(path))
+
+
+def save_config(config: PipelineConfig, path: str | Path) -> None:
+    """Write ``config`` as YAML (tuples become lists; ``load_config`` turns them back)."""
+    text = yaml.safe_dump(_plain(config.to_dict()), sort_keys=False)
+    Path(path).write_text(text, encoding="utf-8")
+
+
+def _plain(value: Any) -> Any:
+    """Tuples -> lists, recursively, so ``yaml.safe_dump`` writes plain YAML."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

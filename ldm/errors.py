@@ -1,0 +1,17 @@
+"""Exceptions for mistakes a user can make (bad paths, bad configs, bad checkpoints).
+
+Scripts catch :class:`LdmError` and print its message as a one-line error (exit code 2);
+anything else is a bug and keeps its traceback.
+"""
+
+
+class LdmError(Exception):
+    """Base class of the errors that are the user's to fix."""
+
+
+class ConfigError(LdmError, ValueError):
+    """A config file or value is invalid (unknown key, wrong type, unsupported option)."""
+
+
+class CheckpointError(LdmError):
+    """A weights file or model folder is missing, corrupt, unsafe or of the wrong architecture."""

@@ -1,0 +1,385 @@
+"""The text-to-image pipeline: prompt -> text context -> guided sampling in latent space -> image.
+
+``Txt2ImgPipeline`` owns the three networks (U-Net, autoencoder, text encoder), the noise
+schedule and the sampling defaults. Its ``__call__`` is Algorithm 2 of the lecture
+(ancestral sampling, generalised to any sampler in :mod:`ldm.samplers`) with classifier-free
+guidance, followed by the VAE decoder.
+
+Weights load from this package's own folder format (``config.yaml`` + ``model.safetensors``
+with original Stable Diffusion key names), from diffusers ``StableDiffusionPipeline``
+folders, or from a Hugging Face hub id when there is a network.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from autoencoder.model import AutoencoderKL
+from ldm import checkpoints
+from ldm.config import PipelineConfig, load_config, save_config
+from ldm.denoiser import DiscreteDenoiser, cfg_denoiser
+from ldm.errors import CheckpointError, ConfigError
+from ldm.samplers import SAMPLERS, final_latents, initial_latents
+from ldm.schedule import NoiseSchedule
+from ldm.text_encoders import build_text_encoder
+from ldm.unet import UNetModel
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
+NATIVE_CONFIG = "config.yaml"
+NATIVE_WEIGHTS = "model.safetensors"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+ProgressFn = Callable[[int, int], None]  # (steps done, total steps)
+
+
+class Txt2ImgPipeline:
+    """Stable-Diffusion-style text-to-image generation.
+
+    Example::
+
+        pipe = Txt2ImgPipeline.from_pretrained()          # the shipped default model
+        images = pipe("a red bicycle", seed=0)           # list of PIL images
+    """
+
+    def __init__(self, config: PipelineConfig, unet: UNetModel, vae: AutoencoderKL, text_encoder) -> None:
+        self.config = config
+        self.unet = unet.eval()
+        self.vae = vae.eval()
+        self.text_encoder = text_encoder.eval()
+        self.schedule = NoiseSchedule(config.schedule)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_config(cls, config: PipelineConfig) -> "Txt2ImgPipeline":
+        """Build a pipeline with freshly initialised (random) weights."""
+        return cls(
+            config,
+            UNetModel(config.unet),
+            AutoencoderKL(config.vae),
+            build_text_encoder(config.text_encoder),
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path | None = None, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ) -> "Txt2ImgPipeline":
+        """Load a model: our folder format, a diffusers pipeline folder, or a hub id.
+
+        Args:
+            path: a folder saved by :meth:`save_pretrained` (either format), a Hugging Face hub id
+                such as ``"stable-diffusion-v1-5/stable-diffusion-v1-5"`` (needs a network), or
+                ``None`` for the default model that ships inside the package.
+            device, dtype: where and in which precision to run.
+        Raises:
+            CheckpointError: the path is missing, not a model, corrupt, or cannot be downloaded.
+        """
+        folder = _resolve_model_path(path)
+        if (folder / NATIVE_CONFIG).is_file():
+            pipe = cls._from_native_folder(folder)
+        elif (folder / "model_index.json").is_file():
+            from ldm.diffusers_io import load_diffusers_folder
+
+            config, parts = load_diffusers_folder(folder)
+            pipe = cls._from_parts(config, parts, source=str(folder))
+        else:
+            raise CheckpointError(
+                f"{folder} is not a model folder (expected {NATIVE_CONFIG} or a diffusers model_index.json)"
+            )
+        return pipe.to(device, dtype)
+
+    @classmethod
+    def _from_native_folder(cls, folder: Path) -> "Txt2ImgPipeline":
+        config = load_config(folder / NATIVE_CONFIG)
+        state_dict = checkpoints.load_state_dict(folder / NATIVE_WEIGHTS)
+        return cls._from_parts(config, checkpoints.split_components(state_dict), source=str(folder))
+
+    @classmethod
+    def _from_parts(cls, config: PipelineConfig, parts: dict, *, source: str) -> "Txt2ImgPipeline":
+        """Build the networks on the meta device and fill them strictly from per-component state dicts."""
+        with torch.device("meta"):
+            modules = {"unet": UNetModel(config.unet), "vae": AutoencoderKL(config.vae),
+                       "text_encoder": build_text_encoder(config.text_encoder)}
+        for name, module in modules.items():
+            module.to_empty(device="cpu")
+            checkpoints.load_into(module, parts.get(name, {}), what=f"{source}: {name}")
+            _reset_nonpersistent_buffers(module, config, name)
+        return cls(config, **modules)
+
+    # ------------------------------------------------------------------ saving
+
+    def save_pretrained(self, path: str | Path, *, format: str = "native", dtype: torch.dtype | None = None) -> None:
+        """Save to a folder in this package's format (``"native"``) or as a diffusers pipeline.
+
+        Args:
+            path: destination folder, written beside and moved into place only when complete
+                (an existing folder there is replaced).
+            format: ``"native"`` (``config.yaml`` + ``model.safetensors`` with original SD key
+                names) or ``"diffusers"`` (loads with ``StableDiffusionPipeline.from_pretrained``).
+            dtype: storage precision (default: the current one), e.g. ``torch.float16``.
+        """
+        path = Path(path)
+        if format == "diffusers":
+            from ldm.diffusers_io import save_diffusers_folder
+
+            save_diffusers_folder(self, path, dtype=dtype)
+            return
+        if format != "native":
+            raise ConfigError(f"unknown save format {format!r} (expected 'native' or 'diffusers')")
+        tensors = {
+            key: (t.to(dtype) if dtype is not None and t.is_floating_point() else t)
+            for key, t in self.state_dict().items()
+        }
+        with checkpoints.atomic_folder(path) as folder:
+            checkpoints.save_safetensors_atomic(tensors, folder / NATIVE_WEIGHTS, metadata={"format": "ldm-native"})
+            save_config(self.config, folder / NATIVE_CONFIG)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """All weights under their original single-file Stable Diffusion names."""
+        return checkpoints.join_components(
+            {name: getattr(self, name).state_dict() for name in checkpoints.COMPONENT_PREFIXES}
+        )
+
+    # ------------------------------------------------------------------ device handling
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Txt2ImgPipeline":
+        """Move all networks (in place) and return ``self``."""
+        for name in checkpoints.COMPONENT_PREFIXES:
+            getattr(self, name).to(device=device, dtype=dtype)
+        return self
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Prompts -> cross-attention context ``[B, L, D]`` in the U-Net's dtype."""
+        token_ids = self.text_encoder.tokenizer(list(prompts)).to(self.device)
+        return self.text_encoder(token_ids).to(self.dtype)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] = "",
+        *,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        sampler: str | None = None,
+        seed: int = 0,
+        height: int | None = None,
+        width: int | None = None,
+        num_images: int = 1,
+        eta: float | None = None,
+        karras: bool | None = None,
+        progress: ProgressFn | None = None,
+        output_type: str = "pil",
+        batch_invariant: bool = True,
+    ) -> list[Image.Image] | torch.Tensor:
+        """Generate images.
+
+        Args:
+            prompt: one prompt (repeated ``num_images`` times) or one prompt per image.
+            negative_prompt: what to steer away from (the unconditional half of guidance).
+            steps, guidance_scale, sampler, height, width, eta, karras: default to the model's
+                ``config.sampling`` values.
+            seed: image ``i`` uses initial noise from ``torch.Generator("cpu").manual_seed(seed + i)``,
+                exactly as diffusers does with that generator, so image ``i`` of a batch is the
+                image generated alone with seed ``seed + i``.
+            progress: optional ``progress(done, total)`` called after each step (``total`` counts
+                the steps of all images).
+            batch_invariant: sample images one at a time so that results never depend on the batch
+                (default). ``False`` runs all images as one batch: faster on a GPU, equal to within
+                float rounding.
+            output_type: ``"pil"`` (list of images) or ``"pt"`` (tensor ``[B, 3, H, W]`` in [0, 1]).
+        """
+        options = self._resolve_options(steps, guidance_scale, sampler, height, width, eta, karras)
+        prompts, negatives = _expand_prompts(prompt, negative_prompt, num_images)
+        seeds = [seed + i for i in range(len(prompts))]
+        total_steps = options.steps * len(prompts)
+        # CPU kernels give slightly different float results for different batch sizes, so by
+        # default each image is sampled alone: then image i is bitwise the one seed + i gives alone.
+        chunk = len(prompts) if not batch_invariant else 1
+        images = []
+        for start in range(0, len(prompts), chunk):
+            done_before = start * options.steps
+            report = (lambda done, d=done_before: progress(d + done, total_steps)) if progress else None
+            images.append(self._generate(prompts[start:start + chunk], negatives[start:start + chunk],
+                                         seeds[start:start + chunk], options, report))
+        images = torch.cat(images)
+        return images if output_type == "pt" else to_pil(images)
+
+    def _generate(self, prompts: list[str], negatives: list[str], seeds: list[int], options,
+                  progress: Callable[[int], None] | None) -> torch.Tensor:
+        """Algorithm 2 for one batch: images ``[B, 3, H, W]`` in [0, 1] on the CPU."""
+        # Classifier-free guidance (Ho & Salimans 2022): one batched U-Net call on [uncond, cond].
+        context = self.encode_prompt(prompts)
+        uncond_context = self.encode_prompt(negatives) if options.guidance_scale != 1 else None
+        spec = SAMPLERS[options.sampler]
+        denoiser = DiscreteDenoiser(self._unet_fn, self.schedule, self.config.schedule.prediction,
+                                    round_timesteps=options.karras and spec.diffusers_rounds_karras_timesteps)
+        denoise = cfg_denoiser(denoiser, context, uncond_context, options.guidance_scale)
+
+        sigmas = self.schedule.sampling_sigmas(options.steps, sampler=options.sampler, karras=options.karras)
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        noise = self._initial_noise(generators, options.height, options.width)
+        x = initial_latents(noise, sigmas, sampler=options.sampler,
+                            timestep_spacing=self.config.schedule.timestep_spacing)
+
+        callback = (lambda i, *_: progress(i + 1)) if progress else None
+        sampler_options = {"eta": options.eta} if "eta" in spec.options else {}
+        x = spec.fn(denoise, x, sigmas, generator=generators, callback=callback, **sampler_options)
+
+        z = final_latents(x, sigmas, sampler=options.sampler)
+        images = self.vae.decode_latents(z.to(self.dtype)).float()
+        return (images / 2 + 0.5).clamp(0, 1).cpu()
+
+    def _unet_fn(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The U-Net in its own dtype, with float32 in and out for the sampler's arithmetic."""
+        return self.unet(x.to(self.dtype), t, context.to(self.dtype)).float()
+
+    def _initial_noise(self, generators: list[torch.Generator], height: int, width: int) -> torch.Tensor:
+        """Unit Gaussian noise ``[B, C, H/f, W/f]``, row ``i`` drawn from ``generators[i]`` on the CPU."""
+        f = self.vae.downsample_factor
+        shape = (self.config.unet.in_channels, height // f, width // f)
+        rows = [torch.randn((1, *shape), generator=g, dtype=torch.float32) for g in generators]
+        return torch.cat(rows).to(self.device)
+
+    def _resolve_options(self, steps, guidance_scale, sampler, height, width, eta, karras):
+        defaults = self.config.sampling
+        options = replace(
+            defaults,
+            **{
+                key: value
+                for key, value in dict(
+                    steps=steps, guidance_scale=guidance_scale, sampler=sampler,
+                    height=height, width=width, eta=eta, karras=karras,
+                ).items()
+                if value is not None
+            },
+        )
+        validate_sampling_options(options, self.vae.downsample_factor)
+        return options
+
+
+def validate_sampling_options(options, downsample_factor: int = 8) -> None:
+    """Raise ``ConfigError`` with a one-line message for options no sampler can use."""
+    if options.sampler not in SAMPLERS:
+        raise ConfigError(f"unknown sampler {options.sampler!r} (choose from {', '.join(SAMPLERS)})")
+    if int(options.steps) < 1:
+        raise ConfigError(f"steps must be at least 1, got {options.steps}")
+    for name in ("height", "width"):
+        value = getattr(options, name)
+        if value < downsample_factor or value % 8 or value % downsample_factor:
+            raise ConfigError(f"{name} must be a positive multiple of {max(8, downsample_factor)}, got {value}")
+    if options.eta < 0:
+        raise ConfigError(f"eta must be >= 0, got {options.eta}")
+
+
+def _expand_prompts(prompt, negative_prompt, num_images: int) -> tuple[list[str], list[str]]:
+    if num_images < 1:
+        raise ConfigError(f"num_images must be at least 1, got {num_images}")
+    prompts = [prompt] * num_images if isinstance(prompt, str) else list(prompt)
+    if isinstance(negative_prompt, str):
+        negatives = [negative_prompt] * len(prompts)
+    else:
+        negatives = list(negative_prompt)
+        if len(negatives) != len(prompts):
+            raise ConfigError(f"got {len(prompts)} prompts but {len(negatives)} negative prompts")
+    return prompts, negatives
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """``[B, 3, H, W]`` floats in [0, 1] -> list of 8-bit RGB PIL images (round to nearest)."""
+    array = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    return [Image.fromarray(a) for a in array]
+
+
+def _resolve_model_path(path: str | Path | None) -> Path:
+    """A local folder for ``path``: the default model, an existing folder, or a hub download."""
+    if path is None:
+        if not (DEFAULT_MODEL_DIR / NATIVE_WEIGHTS).is_file():
+            raise CheckpointError(
+                "no default model ships with this install yet; pass a model folder or hub id "
+                "(e.g. --model path/to/stable-diffusion-v1-5)"
+            )
+        return DEFAULT_MODEL_DIR
+    local = Path(path).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise CheckpointError(f"{local} is a file; single-file checkpoints are not supported here yet")
+        return local
+    if _HUB_ID.match(str(path)) and not str(path).startswith((".", "/", "~")):
+        return _download_from_hub(str(path))
+    raise CheckpointError(f"model path not found: {path}")
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    """Fetch a diffusers pipeline repo (configs, tokenizer, safetensors weights) into the HF cache."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(
+            repo_id,
+            allow_patterns=["model_index.json", "*/config.json", "*/*config.json", "tokenizer/*",
+                            "unet/*.safetensors", "vae/*.safetensors", "text_encoder/*.safetensors"],
+        )
+    except Exception as error:  # network, auth, missing repo: all user-fixable
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"could not download {repo_id!r} from the Hugging Face hub (offline or no such model?): {first}"
+        ) from None
+    return Path(folder)
+
+
+def _reset_nonpersistent_buffers(module: torch.nn.Module, config: PipelineConfig, name: str) -> None:
+    """Recompute buffers that are not saved in checkpoints (left empty by the meta-device build).
+
+    Such buffers are derived values (e.g. CLIP's ``position_ids``), so a freshly built copy of the
+    component, built without weight initialisation, supplies them.
+    """
+    persistent = set(module.state_dict())
+    missing = [n for n, _ in module.named_buffers() if n not in persistent]
+    if not missing:
+        return
+    builders = {"unet": lambda: UNetModel(config.unet), "vae": lambda: AutoencoderKL(config.vae),
+                "text_encoder": lambda: build_text_encoder(config.text_encoder)}
+    with _skip_weight_init():
+        fresh = dict(builders[name]().named_buffers())
+    for buffer_name in missing:
+        owner_name, _, attr = buffer_name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        owner.register_buffer(attr, fresh[buffer_name], persistent=False)
+
+
+class _skip_weight_init:
+    """Context in which ``torch.nn.init`` functions do nothing (weights are about to be overwritten)."""
+
+    _names = ("normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_",
+              "xavier_uniform_", "xavier_normal_", "constant_", "zeros_", "ones_", "orthogonal_")
+
+    def __enter__(self):
+        self._saved = {n: getattr(torch.nn.init, n) for n in self._names}
+        for n in self._names:
+            setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
+
+    def __exit__(self, *exc):
+        for n, fn in self._saved.items():
+            setattr(torch.nn.init, n, fn)

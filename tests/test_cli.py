@@ -1,0 +1,120 @@
+"""scripts/txt2img.py: outputs, PNG parameters, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import tiny_pipeline
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "txt2img.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("txt2img_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli") / "tiny-model"
+    tiny_pipeline(seed=7).save_pretrained(folder)
+    return folder
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=ROOT,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+
+
+def test_writes_numbered_pngs_with_a1111_parameters_and_never_overwrites(tmp_path, model_dir, capsys):
+    from ldm.images import read_a1111_parameters
+
+    script = load_script()
+    args = ["a red bicycle", "--model", str(model_dir), "--outdir", str(tmp_path), "--seed", "5",
+            "--steps", "3", "--negative-prompt", "blurry, dark", "--quiet"]
+    assert script.main(args) == 0
+    assert script.main(args) == 0
+    printed = capsys.readouterr().out.split()
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["00000-5.png", "00001-5.png"]
+    assert [Path(p).name for p in printed] == files
+    parameters = read_a1111_parameters(Image.open(tmp_path / "00000-5.png").text["parameters"])
+    assert parameters["Prompt"] == "a red bicycle"
+    assert parameters["Negative prompt"] == "blurry, dark"
+    assert parameters["Steps"] == "3" and parameters["Seed"] == "5" and parameters["Size"] == "32x32"
+    assert parameters["Sampler"] == "Euler" and parameters["CFG scale"] == "5"
+
+
+def test_n_samples_in_batches_use_consecutive_seeds_and_make_a_grid(tmp_path, model_dir):
+    from ldm.pipeline import Txt2ImgPipeline
+
+    script = load_script()
+    assert script.main(["a blue car", "--model", str(model_dir), "--outdir", str(tmp_path), "--seed", "20",
+                        "--n-samples", "3", "--batch-size", "2", "--steps", "2", "--quiet"]) == 0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["00000-20.png", "00001-21.png", "00002-22.png", "00003-grid.png"]
+    pipe = Txt2ImgPipeline.from_pretrained(model_dir)
+    for seed, name in zip((20, 21, 22), names):
+        expected = pipe("a blue car", seed=seed, steps=2)[0]
+        assert torch.equal(torch.tensor(list(expected.getdata())),
+                           torch.tensor(list(Image.open(tmp_path / name).convert("RGB").getdata())))
+    assert Image.open(tmp_path / "00003-grid.png").size == (64, 64)
+
+
+def test_from_file_reads_one_prompt_per_line(tmp_path, model_dir):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red star\n\na green tree\n", encoding="utf-8")
+    out = tmp_path / "out"
+    script = load_script()
+    assert script.main(["--from-file", str(prompts), "--model", str(model_dir), "--outdir", str(out),
+                        "--steps", "2", "--no-grid", "--quiet"]) == 0
+    texts = [Image.open(p).text["parameters"].split("\n")[0] for p in sorted(out.iterdir())]
+    assert texts == ["a red star", "a green tree"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["x", "--H", "36"], "--H must be a positive multiple of 8"),
+        (["x", "--W", "0"], "--W must be a positive multiple of 8"),
+        (["x", "--steps", "0"], "--steps must be at least 1"),
+        (["x", "--sampler", "plms"], "invalid choice: 'plms'"),
+        (["x", "--model", "/no/such/model/dir"], "model path not found"),
+        (["x", "--model", "nobody/not-a-cached-model"], "could not download"),
+        ([], "a prompt is required"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(args, message):
+    result = run_cli(*args)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert message in lines[0]
+
+
+def test_corrupt_model_is_one_line_and_exit_code_2(tmp_path, model_dir):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"\x00" * 100)
+    result = run_cli("x", "--model", str(broken), "--outdir", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "corrupt or truncated" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_mentions_the_77_token_limit():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    assert "77 tokens" in result.stdout and "truncated" in result.stdout
