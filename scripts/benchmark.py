@@ -41,18 +41,22 @@ def sd15_config(size: int) -> PipelineConfig:
     )
 
 
-def median_seconds(fn, repeats: int, device: torch.device) -> float:
-    fn()  # warm-up (allocator, kernel selection)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def seconds(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def median_seconds_interleaved(ours, theirs, repeats: int, device: torch.device) -> tuple[float, float]:
+    """Median wall times of ``ours`` and ``theirs``, run alternately so that a change in machine load
+    hits both sides alike. One untimed warm-up call each (allocator, kernel selection)."""
+    ours(), theirs()
+    times = [(seconds(ours, device), seconds(theirs, device)) for _ in range(repeats)]
+    return statistics.median(t for t, _ in times), statistics.median(t for _, t in times)
 
 
 def count_flops(fn) -> float:
@@ -89,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("built our SD1.5-architecture pipeline in %.1f s", time.perf_counter() - start)
     folder = Path(".benchmark-sd15")
     ours.save_pretrained(folder, format="diffusers")
-    theirs = diffusers.StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, torch_dtype=dtype)
+    theirs = diffusers.StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, dtype=dtype)
     theirs.scheduler = diffusers.DDIMScheduler.from_config(theirs.scheduler.config)
     theirs = theirs.to(device)
     theirs.set_progress_bar_config(disable=True)
@@ -102,8 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         flops = count_flops(lambda: ours.unet(x, t, context))
         out_ours = ours.unet(x, t, context)
         out_theirs = theirs.unet(x, t, encoder_hidden_states=context).sample
-        unet_ours = median_seconds(lambda: ours.unet(x, t, context), args.repeats, device)
-        unet_theirs = median_seconds(lambda: theirs.unet(x, t, encoder_hidden_states=context), args.repeats, device)
+        unet_ours, unet_theirs = median_seconds_interleaved(
+            lambda: ours.unet(x, t, context), lambda: theirs.unet(x, t, encoder_hidden_states=context),
+            args.repeats, device)
 
     print(f"\nSD1.5 architecture, random weights, {args.device} {args.dtype}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, diffusers {diffusers.__version__}")
@@ -123,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                           width=args.size, generator=torch.Generator("cpu").manual_seed(0), output_type="pt").images
 
         gen_flops = count_flops(generate_ours)  # text encoder + steps x U-Net + VAE decoder
-        gen_ours = median_seconds(generate_ours, max(1, args.repeats - 2), device)
-        gen_theirs = median_seconds(generate_theirs, max(1, args.repeats - 2), device)
+        gen_ours, gen_theirs = median_seconds_interleaved(generate_ours, generate_theirs,
+                                                          max(1, args.repeats - 2), device)
         image_diff = (generate_ours().cpu() - generate_theirs().cpu()).abs().max().item()
         print(row(f"txt2img {args.size}px, {args.steps} DDIM steps", gen_ours, gen_theirs, gen_flops))
         print(f"generated images agree to max abs diff {image_diff:.2e} (pixel values in [0, 1])")
