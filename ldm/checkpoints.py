@@ -74,10 +74,12 @@ def _load_weights_only_pickle(path: Path, device: str) -> dict[str, torch.Tensor
     try:
         data = torch.load(str(path), map_location=device, weights_only=True)
     except pickle.UnpicklingError as error:
-        raise CheckpointError(
-            f"refusing to load {path}: it is not a plain weights file "
-            f"(unpickling would run code: {_first_line(error)})"
-        ) from None
+        if "Unsupported global" in str(error):
+            raise CheckpointError(
+                f"refusing to load {path}: it is not a plain weights file "
+                f"(unpickling would call code: {_unsafe_reason(error)})"
+            ) from None
+        raise CheckpointError(f"corrupt checkpoint {path}: not a readable PyTorch weights file") from None
     except (RuntimeError, EOFError, OSError, ValueError) as error:
         raise CheckpointError(f"corrupt or truncated checkpoint {path}: {_first_line(error)}") from None
     if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
@@ -85,6 +87,14 @@ def _load_weights_only_pickle(path: Path, device: str) -> dict[str, torch.Tensor
     if not isinstance(data, Mapping) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise CheckpointError(f"{path} does not hold a flat mapping of tensor names to tensors")
     return dict(data)
+
+
+def _unsafe_reason(error: BaseException) -> str:
+    """The callable a weights-only refusal names, e.g. ``GLOBAL posix.system``."""
+    import re
+
+    match = re.search(r"GLOBAL \S+", str(error))
+    return match.group(0) if match else _first_line(error)
 
 
 def _first_line(error: BaseException) -> str:
@@ -142,8 +152,11 @@ def join_components(parts: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str
     return joined
 
 
-def load_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, what: str) -> None:
-    """Copy ``state_dict`` into ``module`` strictly; any mismatch is a one-line error naming keys.
+def load_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, what: str, assign: bool = False) -> None:
+    """Load ``state_dict`` into ``module`` strictly; any mismatch is a one-line error naming keys.
+
+    With ``assign=True`` the module's parameters become the given tensors (no copy; works on a
+    module built on the meta device), otherwise values are copied into the existing tensors.
 
     Raises:
         CheckpointError: on missing keys, unexpected keys or shape mismatches (the first few
@@ -164,7 +177,7 @@ def load_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, what
             problems.append(f"{label}: {shown}")
     if problems:
         raise CheckpointError(f"{what} weights do not fit the model ({'; '.join(problems)})")
-    module.load_state_dict(state_dict, strict=True)
+    module.load_state_dict(state_dict, strict=True, assign=assign)
 
 
 class atomic_folder:

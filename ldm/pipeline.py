@@ -7,7 +7,8 @@ guidance, followed by the VAE decoder.
 
 Weights load from this package's own folder format (``config.yaml`` + ``model.safetensors``
 with original Stable Diffusion key names), from diffusers ``StableDiffusionPipeline``
-folders, or from a Hugging Face hub id when there is a network.
+folders, from original single-file checkpoints (:mod:`ldm.single_file`), or from a Hugging
+Face hub id when there is a network.
 """
 
 from __future__ import annotations
@@ -74,16 +75,19 @@ class Txt2ImgPipeline:
     def from_pretrained(
         cls, path: str | Path | None = None, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
     ) -> "Txt2ImgPipeline":
-        """Load a model: our folder format, a diffusers pipeline folder, or a hub id.
+        """Load a model: our folder format, a diffusers pipeline folder, an original single file, or a hub id.
 
         Args:
-            path: a folder saved by :meth:`save_pretrained` (either format), a Hugging Face hub id
-                such as ``"stable-diffusion-v1-5/stable-diffusion-v1-5"`` (needs a network), or
-                ``None`` for the default model that ships inside the package.
+            path: a folder saved by :meth:`save_pretrained` (either format), an original single-file
+                checkpoint (``.safetensors``/``.ckpt``, read by :meth:`from_single_file` with its
+                defaults), a Hugging Face hub id such as ``"stable-diffusion-v1-5/stable-diffusion-v1-5"``
+                (needs a network), or ``None`` for the default model that ships inside the package.
             device, dtype: where and in which precision to run.
         Raises:
             CheckpointError: the path is missing, not a model, corrupt, or cannot be downloaded.
         """
+        if path is not None and Path(path).expanduser().is_file():
+            return cls.from_single_file(Path(path).expanduser(), device=device, dtype=dtype)
         folder = _resolve_model_path(path)
         if (folder / NATIVE_CONFIG).is_file():
             pipe = cls._from_native_folder(folder)
@@ -99,6 +103,39 @@ class Txt2ImgPipeline:
         return pipe.to(device, dtype)
 
     @classmethod
+    def from_single_file(
+        cls,
+        path: str | Path,
+        config: PipelineConfig | str | Path | None = None,
+        *,
+        prediction: str | None = None,
+        vae: str | Path | None = None,
+        ema: bool | str = "auto",
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> "Txt2ImgPipeline":
+        """Load an original SD 1.x/2.x single-file checkpoint (``.safetensors``; ``.ckpt`` weights-only).
+
+        Args:
+            path: the checkpoint file.
+            config: a CompVis YAML (e.g. ``configs/sd-v2-inference-v.yaml``), this package's
+                ``config.yaml`` or model folder, or a PipelineConfig. ``None``: the config stored in
+                the file, else a same-named ``.yaml`` beside it, else inferred from the weights.
+            prediction: ``"eps"`` or ``"v"`` (SD 2.x 768-v models); overrides the config.
+            vae: a separate VAE file that replaces the checkpoint's VAE.
+            ema: ``"auto"`` (EMA U-Net weights when present), ``True`` (require them), ``False``
+                (the non-EMA training weights).
+            device, dtype: where and in which precision to run.
+        Raises:
+            CheckpointError / ConfigError: one-line messages (see :mod:`ldm.single_file`).
+        """
+        from ldm.single_file import read_single_file
+
+        checkpoint = read_single_file(path, config, prediction=prediction, vae=vae, ema=ema)
+        pipe = cls._from_parts(checkpoint.config, checkpoint.parts, source=str(path))
+        return pipe.to(device, dtype)
+
+    @classmethod
     def _from_native_folder(cls, folder: Path) -> "Txt2ImgPipeline":
         config = load_config(folder / NATIVE_CONFIG)
         state_dict = checkpoints.load_state_dict(folder / NATIVE_WEIGHTS)
@@ -111,8 +148,8 @@ class Txt2ImgPipeline:
             modules = {"unet": UNetModel(config.unet), "vae": AutoencoderKL(config.vae),
                        "text_encoder": build_text_encoder(config.text_encoder)}
         for name, module in modules.items():
-            module.to_empty(device="cpu")
-            checkpoints.load_into(module, parts.get(name, {}), what=f"{source}: {name}")
+            # assign=True: the module takes the loaded tensors themselves, so weights are held once.
+            checkpoints.load_into(module, parts.get(name, {}), what=f"{source}: {name}", assign=True)
             _reset_nonpersistent_buffers(module, config, name)
         return cls(config, **modules)
 
@@ -350,13 +387,12 @@ def _download_from_hub(repo_id: str) -> Path:
 
 
 def _reset_nonpersistent_buffers(module: torch.nn.Module, config: PipelineConfig, name: str) -> None:
-    """Recompute buffers that are not saved in checkpoints (left empty by the meta-device build).
+    """Fill buffers that checkpoints do not hold (still on the meta device after loading).
 
     Such buffers are derived values (e.g. CLIP's ``position_ids``), so a freshly built copy of the
     component, built without weight initialisation, supplies them.
     """
-    persistent = set(module.state_dict())
-    missing = [n for n, _ in module.named_buffers() if n not in persistent]
+    missing = [n for n, b in module.named_buffers() if b.is_meta]
     if not missing:
         return
     builders = {"unet": lambda: UNetModel(config.unet), "vae": lambda: AutoencoderKL(config.vae),

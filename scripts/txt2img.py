@@ -3,6 +3,7 @@
 
     python scripts/txt2img.py "a red bicycle"
     python scripts/txt2img.py "a castle" --model path/to/stable-diffusion-v1-5 --steps 25 --seed 7
+    python scripts/txt2img.py "a castle" --model v2-1_768-ema-pruned.safetensors --prediction v
 
 Writes numbered PNGs into --outdir (never overwriting a file), each carrying its generation
 parameters in the AUTOMATIC1111 "parameters" text chunk, and prints their paths.
@@ -36,7 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("prompt", nargs="?", help="what to draw (or use --from-file)")
     parser.add_argument("--negative-prompt", default="", help="what to steer away from")
     parser.add_argument("--from-file", type=Path, help="read prompts from this file, one per line")
-    parser.add_argument("--model", help="model folder (ours or diffusers) or hub id; default: the shipped model")
+    parser.add_argument("--model", help="model folder (ours or diffusers), original single-file checkpoint "
+                        "(.safetensors/.ckpt) or hub id; default: the shipped model")
+    parser.add_argument("--config", type=Path, help="single-file --model: CompVis YAML (e.g. "
+                        "configs/sd-v2-inference-v.yaml) or this package's config.yaml")
+    parser.add_argument("--prediction", choices=("eps", "v"),
+                        help="single-file --model: the U-Net predicts noise (eps) or velocity (v: SD 2.x 768-v)")
+    parser.add_argument("--vae", type=Path, help="single-file --model: use this VAE file instead of the checkpoint's")
     parser.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     parser.add_argument("--scale", type=float, help="classifier-free guidance scale (default: the model's)")
     parser.add_argument("--sampler", choices=SAMPLER_NAMES, help="sampler (default: the model's)")
@@ -69,6 +76,10 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
             parser.error(f"{flag} must be at least 1, got {value}")
     if args.eta is not None and args.eta < 0:
         parser.error(f"--eta must be >= 0, got {args.eta}")
+    single_file_options = [flag for flag, value in (("--config", args.config), ("--prediction", args.prediction),
+                                                    ("--vae", args.vae)) if value is not None]
+    if single_file_options and (args.model is None or Path(args.model).expanduser().is_dir()):
+        parser.error(f"{', '.join(single_file_options)} apply to a single-file checkpoint (--model FILE)")
     if args.from_file is not None:
         if args.prompt is not None:
             parser.error("give a prompt or --from-file, not both")
@@ -136,7 +147,11 @@ def generate(args: argparse.Namespace, prompts: list[str]) -> int:
 
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    pipe = Txt2ImgPipeline.from_pretrained(args.model, device=device, dtype=dtype)
+    if args.model is not None and Path(args.model).expanduser().is_file():
+        pipe = Txt2ImgPipeline.from_single_file(Path(args.model).expanduser(), args.config, prediction=args.prediction,
+                                                vae=args.vae, device=device, dtype=dtype)
+    else:
+        pipe = Txt2ImgPipeline.from_pretrained(args.model, device=device, dtype=dtype)
     options = replace(
         pipe.config.sampling,
         **{k: v for k, v in dict(steps=args.steps, guidance_scale=args.scale, sampler=args.sampler,
