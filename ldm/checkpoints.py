@@ -72,7 +72,7 @@ def _load_safetensors(path: Path, device: str) -> dict[str, torch.Tensor]:
 
 def _load_weights_only_pickle(path: Path, device: str) -> dict[str, torch.Tensor]:
     try:
-        data = torch.load(str(path), map_location=device, weights_only=True)
+        data = _torch_load_weights_only(path, device)
     except pickle.UnpicklingError as error:
         if "Unsupported global" in str(error):
             raise CheckpointError(
@@ -87,6 +87,16 @@ def _load_weights_only_pickle(path: Path, device: str) -> dict[str, torch.Tensor
     if not isinstance(data, Mapping) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise CheckpointError(f"{path} does not hold a flat mapping of tensor names to tensors")
     return dict(data)
+
+
+def _torch_load_weights_only(path: Path, device: str):
+    """``torch.load(weights_only=True)``, memory-mapped when the file is a zip archive (no private copy)."""
+    try:
+        return torch.load(str(path), map_location=device, weights_only=True, mmap=True)
+    except RuntimeError as error:
+        if "mmap" not in str(error):
+            raise
+        return torch.load(str(path), map_location=device, weights_only=True)  # legacy (non-zip) pickle
 
 
 def _unsafe_reason(error: BaseException) -> str:

@@ -389,15 +389,15 @@ def _download_from_hub(repo_id: str) -> Path:
 def _reset_nonpersistent_buffers(module: torch.nn.Module, config: PipelineConfig, name: str) -> None:
     """Fill buffers that checkpoints do not hold (still on the meta device after loading).
 
-    Such buffers are derived values (e.g. CLIP's ``position_ids``), so a freshly built copy of the
-    component, built without weight initialisation, supplies them.
+    Such buffers are derived values (e.g. CLIP's ``position_ids``); a fresh copy of the component
+    built with its parameters on the meta device (no memory) and its buffers real supplies them.
     """
     missing = [n for n, b in module.named_buffers() if b.is_meta]
     if not missing:
         return
     builders = {"unet": lambda: UNetModel(config.unet), "vae": lambda: AutoencoderKL(config.vae),
                 "text_encoder": lambda: build_text_encoder(config.text_encoder)}
-    with _skip_weight_init():
+    with _parameters_on_meta():
         fresh = dict(builders[name]().named_buffers())
     for buffer_name in missing:
         owner_name, _, attr = buffer_name.rpartition(".")
@@ -405,17 +405,19 @@ def _reset_nonpersistent_buffers(module: torch.nn.Module, config: PipelineConfig
         owner.register_buffer(attr, fresh[buffer_name], persistent=False)
 
 
-class _skip_weight_init:
-    """Context in which ``torch.nn.init`` functions do nothing (weights are about to be overwritten)."""
-
-    _names = ("normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_",
-              "xavier_uniform_", "xavier_normal_", "constant_", "zeros_", "ones_", "orthogonal_")
+class _parameters_on_meta:
+    """Context in which every new ``nn.Parameter`` lives on the meta device (buffers stay real)."""
 
     def __enter__(self):
-        self._saved = {n: getattr(torch.nn.init, n) for n in self._names}
-        for n in self._names:
-            setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
+        self._register = torch.nn.Module.register_parameter
+        register = self._register
+
+        def register_on_meta(module, name, parameter):
+            if parameter is not None and not parameter.is_meta:
+                parameter = torch.nn.Parameter(parameter.to("meta"), requires_grad=parameter.requires_grad)
+            register(module, name, parameter)
+
+        torch.nn.Module.register_parameter = register_on_meta
 
     def __exit__(self, *exc):
-        for n, fn in self._saved.items():
-            setattr(torch.nn.init, n, fn)
+        torch.nn.Module.register_parameter = self._register

@@ -29,14 +29,11 @@ import logging
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from ldm.cli import OneLineErrorParser  # noqa: E402
+
 TARGETS = ("original", "native", "diffusers")
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse, but a usage mistake prints one line and exits 2."""
-
-    def error(self, message: str) -> None:  # noqa: D401 - argparse API
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,5 +153,4 @@ def write_yaml_beside(config, output: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     sys.exit(main())

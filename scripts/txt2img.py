@@ -16,15 +16,12 @@ import logging
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from ldm.cli import OneLineErrorParser  # noqa: E402
+
 SAMPLER_NAMES = ("ddpm", "ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse, but a usage mistake prints one line (``txt2img.py: error: ...``) and exits 2."""
-
-    def error(self, message: str) -> None:  # noqa: D401 - argparse API
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,5 +183,4 @@ def generate(args: argparse.Namespace, prompts: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     sys.exit(main())
