@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import re
 import shutil
@@ -70,9 +71,23 @@ def save_checkpoint(
         checkpoints.save_safetensors_atomic(weights, folder / "weights.safetensors")
         torch.save({"step": step, **state}, folder / "state.pt")
     for _, old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove_atomically(old)
+    _remove_leftovers(destination.parent)
     logger.info("saved checkpoint %s", destination)
     return destination
+
+
+def _remove_atomically(folder: Path) -> None:
+    """Rename ``folder`` out of the ``step-*`` namespace first, so a kill mid-delete leaves no half checkpoint."""
+    doomed = folder.with_name(f".{folder.name}.deleting")
+    os.replace(folder, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _remove_leftovers(checkpoint_dir: Path) -> None:
+    """Delete hidden temporary folders a killed run left behind (unfinished writes and deletes)."""
+    for path in checkpoint_dir.glob(".step-*"):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def load_latest_checkpoint(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:

@@ -3,9 +3,15 @@
 
     python scripts/train_autoencoder.py --config configs/default-vae.yaml --run-dir runs/vae
 
-Re-running the same command resumes from the newest checkpoint in --run-dir. When training
-ends, the scaling factor is set to 1/std of the latents (Rombach et al. 2022, Sec. 4.3.2 /
-App. G) and the autoencoder is written to ``<run-dir>/vae.safetensors`` + ``vae.yaml``.
+Two stages, each resumable (re-running the same command continues from the newest checkpoint):
+
+1. the whole autoencoder on random crops (reconstruction + a tiny KL term); at its end the
+   scaling factor is set to 1/std of the latents (Rombach et al. 2022, Sec. 4.3.2 / App. G);
+2. optionally (``decoder_finetune.steps > 0``) the decoder alone on full images with the encoder
+   frozen, as Stability did for SD's "ft-MSE" VAE: sharper images, identical latents, so a
+   diffusion model trained on the stage-1 latents stays valid.
+
+The result is written to ``<run-dir>/vae.safetensors`` + ``vae.yaml``.
 """
 
 from __future__ import annotations
@@ -47,17 +53,34 @@ class VAETrainConfig:
     eval_images: int = 256
 
 
-def read_config(path: Path) -> tuple[AutoencoderConfig, VAETrainConfig]:
+@dataclasses.dataclass
+class DecoderFinetuneConfig:
+    steps: int = 0
+    batch_size: int = 16
+    crop_size: int = 64
+    lr: float = 5e-4
+    final_lr: float = 1e-5
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+    checkpoint_every: int = 250
+
+
+def _section(cls, data: dict, name: str, path: Path):
+    fields = {f.name for f in dataclasses.fields(cls)}
+    bad = sorted(set(data.get(name) or {}) - fields)
+    if bad:
+        raise ValueError(f"{path}: {name}: unknown key {bad[0]!r}")
+    return cls(**(data.get(name) or {}))
+
+
+def read_config(path: Path) -> tuple[AutoencoderConfig, VAETrainConfig, DecoderFinetuneConfig]:
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    unknown = sorted(set(data) - {"model", "training"})
+    unknown = sorted(set(data) - {"model", "training", "decoder_finetune"})
     if unknown:
         raise ValueError(f"{path}: unknown key {unknown[0]!r}")
     model = AutoencoderConfig.from_dict(data.get("model", {}))
-    fields = {f.name for f in dataclasses.fields(VAETrainConfig)}
-    bad = sorted(set(data.get("training", {})) - fields)
-    if bad:
-        raise ValueError(f"{path}: training: unknown key {bad[0]!r}")
-    return model, VAETrainConfig(**data.get("training", {}))
+    return (model, _section(VAETrainConfig, data, "training", path),
+            _section(DecoderFinetuneConfig, data, "decoder_finetune", path))
 
 
 def image_pool(seed: int, n: int, split: str = "train") -> torch.Tensor:
@@ -87,6 +110,61 @@ def evaluate(model: AutoencoderKL, images: torch.Tensor) -> float:
     return torch.cat(scores).mean().item()
 
 
+def full_model_loss(model: AutoencoderKL, batch: torch.Tensor, generator: torch.Generator, kl_weight: float):
+    reconstruction, posterior = model(batch, generator=generator)
+    return autoencoder_loss(batch, reconstruction, posterior, kl_weight=kl_weight)
+
+
+def decoder_loss(model: AutoencoderKL, batch: torch.Tensor, generator: torch.Generator):
+    """L1 + MSE of the decoder on the frozen encoder's posterior mean."""
+    with torch.no_grad():
+        latents = model.encode(batch).mode()
+    reconstruction = model.decode(latents)
+    l1, mse = (reconstruction - batch).abs().mean(), (reconstruction - batch).pow(2).mean()
+    return l1 + mse, {"l1": l1.item(), "mse": mse.item()}
+
+
+def run_stage(name: str, model: AutoencoderKL, parameters: list, stage, run_dir: Path, pool: torch.Tensor,
+              eval_images: torch.Tensor, loss_fn, seed: int) -> float:
+    """Train ``parameters`` for ``stage.steps`` steps with checkpoints in ``run_dir``; returns seconds spent."""
+    optimizer = torch.optim.AdamW(parameters, lr=stage.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    step, elapsed = 0, 0.0
+    resumed = training.load_latest_checkpoint(run_dir)
+    if resumed is not None:
+        weights, state = resumed
+        model.load_state_dict(weights)
+        optimizer.load_state_dict(state["optimizer"])
+        step, elapsed = state["step"], state.get("elapsed", 0.0)
+        training.set_rng_state(state["rng"])
+    model.train()
+    last_log, started, first_step = time.perf_counter(), time.perf_counter() - elapsed, step
+    session_start = time.perf_counter()
+    while step < stage.steps:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + step)  # data depends only on the step
+        batch = random_crops(pool, stage.batch_size, stage.crop_size, generator)
+        lr = training.warmup_cosine_lr(step, base_lr=stage.lr, warmup_steps=stage.warmup_steps,
+                                       total_steps=stage.steps, final_lr=stage.final_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss, parts = loss_fn(model, batch, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, stage.grad_clip)
+        optimizer.step()
+        step += 1
+        if time.perf_counter() - last_log > 30 or step == stage.steps:
+            rate = (step - first_step) / max(1e-9, time.perf_counter() - session_start)
+            logger.info("%s step %d/%d loss %.4f (l1 %.4f mse %.4f) lr %.2e %.2f steps/s",
+                        name, step, stage.steps, loss.item(), parts["l1"], parts["mse"], lr, rate)
+            last_log = time.perf_counter()
+        if step % stage.checkpoint_every == 0 or step == stage.steps:
+            logger.info("%s step %d: eval PSNR %.2f dB", name, step, evaluate(model, eval_images))
+            state = {"optimizer": optimizer.state_dict(), "rng": training.rng_state(),
+                     "elapsed": time.perf_counter() - started}
+            training.save_checkpoint(run_dir, step, model.state_dict(), state)
+    return time.perf_counter() - started
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=Path("configs/default-vae.yaml"))
@@ -97,71 +175,47 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_config, cfg = read_config(args.config)
+    model_config, cfg, decoder_cfg = read_config(args.config)
     if args.steps:
         cfg.steps = args.steps
 
     torch.manual_seed(cfg.seed)
     model = AutoencoderKL(model_config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    step, elapsed = 0, 0.0
-    resumed = training.load_latest_checkpoint(args.run_dir)
-    if resumed is not None:
-        weights, state = resumed
-        model.load_state_dict(weights)
-        optimizer.load_state_dict(state["optimizer"])
-        step, elapsed = state["step"], state.get("elapsed", 0.0)
-        training.set_rng_state(state["rng"])
-
     start = time.perf_counter()
     pool = image_pool(cfg.seed, cfg.pool_size)
     eval_images = images_to_tensor([s.image for s in ProceduralDataset(cfg.seed + 1, "all").take(cfg.eval_images)])
     logger.info("generated %d training images in %.1f s", len(pool), time.perf_counter() - start)
 
-    model.train()
-    last_log, started = time.perf_counter(), time.perf_counter() - elapsed
-    while step < cfg.steps:
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # data depends only on the step
-        batch = random_crops(pool, cfg.batch_size, cfg.crop_size, generator)
-        lr = training.warmup_cosine_lr(step, base_lr=cfg.lr, warmup_steps=cfg.warmup_steps,
-                                       total_steps=cfg.steps, final_lr=cfg.final_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        reconstruction, posterior = model(batch, generator=generator)
-        loss, parts = autoencoder_loss(batch, reconstruction, posterior, kl_weight=cfg.kl_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        step += 1
-        if time.perf_counter() - last_log > 30 or step == cfg.steps:
-            rate = step / max(1e-9, time.perf_counter() - started)
-            logger.info("step %d/%d loss %.4f (l1 %.4f mse %.4f) lr %.2e %.2f steps/s",
-                        step, cfg.steps, loss.item(), parts["l1"], parts["mse"], lr, rate)
-            last_log = time.perf_counter()
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            logger.info("step %d: eval PSNR %.2f dB", step, evaluate(model, eval_images))
-            state = {"optimizer": optimizer.state_dict(), "rng": training.rng_state(),
-                     "elapsed": time.perf_counter() - started}
-            training.save_checkpoint(args.run_dir, step, model.state_dict(), state)
-
-    finish(model, model_config, eval_images, args.run_dir, time.perf_counter() - started)
+    seconds = run_stage("autoencoder", model, list(model.parameters()), cfg, args.run_dir, pool, eval_images,
+                        lambda m, b, g: full_model_loss(m, b, g, cfg.kl_weight), cfg.seed)
+    scaling = latent_scaling_factor(model, eval_images)
+    if decoder_cfg.steps > 0:
+        decoder_parameters = [*model.decoder.parameters(), *model.post_quant_conv.parameters()]
+        model.encoder.requires_grad_(False), model.quant_conv.requires_grad_(False)
+        seconds += run_stage("decoder", model, decoder_parameters, decoder_cfg, args.run_dir / "decoder", pool,
+                             eval_images, decoder_loss, cfg.seed + 7)
+    finish(model, model_config, scaling, eval_images, args.run_dir, seconds)
     return 0
 
 
 @torch.no_grad()
-def finish(model: AutoencoderKL, config: AutoencoderConfig, eval_images: torch.Tensor, run_dir: Path,
-           seconds: float) -> None:
-    """Set the latent scaling factor to 1/std and write the final weights and config."""
+def latent_scaling_factor(model: AutoencoderKL, eval_images: torch.Tensor) -> float:
+    """1 / std of the posterior-mean latents, so the diffusion model sees unit-variance ``z``."""
     model.eval()
     latents = torch.cat([model.encode(chunk).mode() for chunk in eval_images.split(64)])
-    scaling = 1.0 / latents.std().item()
-    final_config = dataclasses.replace(config, scaling_factor=round(scaling, 5))
+    logger.info("latent std %.4f -> scaling_factor %.5f", latents.std().item(), 1.0 / latents.std().item())
+    return round(1.0 / latents.std().item(), 5)
+
+
+@torch.no_grad()
+def finish(model: AutoencoderKL, config: AutoencoderConfig, scaling: float, eval_images: torch.Tensor,
+           run_dir: Path, seconds: float) -> None:
+    """Write the final weights and config (with the stage-1 scaling factor)."""
+    final_config = dataclasses.replace(config, scaling_factor=scaling)
     checkpoints.save_safetensors_atomic(model.state_dict(), run_dir / "vae.safetensors")
     (run_dir / "vae.yaml").write_text(yaml.safe_dump({"model": final_config.to_dict(),
                                                       "training_seconds": round(seconds)}), encoding="utf-8")
-    logger.info("final PSNR %.2f dB, latent std %.4f -> scaling_factor %.5f, %.0f s of training",
-                evaluate(model, eval_images), latents.std().item(), scaling, seconds)
+    logger.info("final PSNR %.2f dB, %.0f s of training", evaluate(model, eval_images), seconds)
 
 
 if __name__ == "__main__":

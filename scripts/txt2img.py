@@ -28,8 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(
         prog="txt2img.py",
         description="Generate images from a text prompt with a Stable-Diffusion-style model.",
-        epilog="Prompts are encoded with the CLIP tokenizer, which reads at most 77 tokens "
-        "(75 words or word pieces): longer prompts are truncated with a warning.",
+        epilog="Prompts are encoded with the CLIP tokenizer, which reads at most 77 tokens for Stable "
+        "Diffusion (75 words or word pieces; 32 tokens for the small default model): longer prompts "
+        "are truncated with a warning.",
     )
     parser.add_argument("prompt", nargs="?", help="what to draw (or use --from-file)")
     parser.add_argument("--negative-prompt", default="", help="what to steer away from")
