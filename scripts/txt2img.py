@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also save a grid of all images when there is more than one")
     parser.add_argument("--device", default="auto", help="auto (cuda, mps, then cpu), cpu, cuda, cuda:1, mps")
     parser.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float16 on GPU, float32 on CPU")
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                        help="apply a LoRA file with strength SCALE (default 1); repeatable, effects add up")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or info logs")
     return parser
 
@@ -78,6 +80,7 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
                                                     ("--vae", args.vae)) if value is not None]
     if single_file_options and (args.model is None or Path(args.model).expanduser().is_dir()):
         parser.error(f"{', '.join(single_file_options)} apply to a single-file checkpoint (--model FILE)")
+    args.lora = [parse_lora(parser, spec) for spec in args.lora]
     if args.from_file is not None:
         if args.prompt is not None:
             parser.error("give a prompt or --from-file, not both")
@@ -92,6 +95,20 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     if args.prompt is None:
         parser.error("a prompt is required (or --from-file)")
     return [args.prompt]
+
+
+def parse_lora(parser: argparse.ArgumentParser, spec: str) -> tuple[Path, float]:
+    """``FILE`` or ``FILE:SCALE`` -> (path, scale); the file must exist."""
+    path, scale = spec, 1.0
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            path, scale = head, float(tail)
+        except ValueError:
+            path = spec
+    if not Path(path).is_file():
+        parser.error(f"--lora file not found: {path}")
+    return Path(path), scale
 
 
 def pick_device(name: str):
@@ -150,6 +167,11 @@ def generate(args: argparse.Namespace, prompts: list[str]) -> int:
                                                 vae=args.vae, device=device, dtype=dtype)
     else:
         pipe = Txt2ImgPipeline.from_pretrained(args.model, device=device, dtype=dtype)
+    if args.lora:
+        from ldm.lora import load_lora
+
+        for path, scale in args.lora:
+            load_lora(pipe, path, scale)
     options = replace(
         pipe.config.sampling,
         **{k: v for k, v in dict(steps=args.steps, guidance_scale=args.scale, sampler=args.sampler,
@@ -158,6 +180,9 @@ def generate(args: argparse.Namespace, prompts: list[str]) -> int:
     )
     validate_sampling_options(options, pipe.vae.downsample_factor)
     model_name = Path(args.model).name if args.model else "default"
+    extra = {"Model": model_name}
+    if args.lora:
+        extra["LoRA"] = ", ".join(f"{path.stem}:{scale:g}" for path, scale in args.lora)
 
     images, seed = [], args.seed
     for prompt in prompts:
@@ -173,7 +198,7 @@ def generate(args: argparse.Namespace, prompts: list[str]) -> int:
                 parameters = a1111_parameters(
                     prompt, args.negative_prompt, steps=options.steps, sampler=options.sampler,
                     guidance_scale=options.guidance_scale, seed=seed + offset, width=options.width,
-                    height=options.height, karras=options.karras, extra={"Model": model_name},
+                    height=options.height, karras=options.karras, extra=extra,
                 )
                 print(save_new_png(image, args.outdir, str(seed + offset), parameters), flush=True)
             images.extend(batch)

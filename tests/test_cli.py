@@ -118,3 +118,34 @@ def test_help_mentions_the_77_token_limit():
     result = run_cli("--help")
     assert result.returncode == 0
     assert "77 tokens" in result.stdout and "truncated" in result.stdout
+
+
+def test_lora_flag_applies_the_adapter_with_its_scale(tmp_path, model_dir):
+    from ldm.images import read_a1111_parameters
+    from ldm.lora import add_lora, save_lora
+    from ldm.pipeline import Txt2ImgPipeline
+
+    pipe = Txt2ImgPipeline.from_pretrained(model_dir)
+    add_lora(pipe.unet, rank=2)
+    with torch.no_grad():
+        for name, parameter in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    save_lora(tmp_path / "style.safetensors", unet=pipe.unet)
+
+    script = load_script()
+    common = ["a red star", "--model", str(model_dir), "--steps", "2", "--seed", "4", "--quiet"]
+    for name, extra in (("base", []), ("zero", ["--lora", f"{tmp_path / 'style.safetensors'}:0"]),
+                        ("full", ["--lora", str(tmp_path / "style.safetensors")])):
+        assert script.main([*common, "--outdir", str(tmp_path / name), *extra]) == 0
+    pixels = {name: list(Image.open(next((tmp_path / name).iterdir())).getdata()) for name in ("base", "zero", "full")}
+    assert pixels["zero"] == pixels["base"]
+    assert pixels["full"] != pixels["base"]
+    text = Image.open(next((tmp_path / "full").iterdir())).text["parameters"]
+    assert read_a1111_parameters(text)["LoRA"] == "style:1"
+
+
+def test_missing_lora_file_is_one_line_and_exit_code_2():
+    result = run_cli("x", "--lora", "/no/such/lora.safetensors:0.5")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "txt2img.py: error: --lora file not found: /no/such/lora.safetensors"
