@@ -131,10 +131,17 @@ def save_safetensors_atomic(
         save_file(contiguous, temp_name, metadata=dict(metadata) if metadata else None)
         with open(temp_name, "rb") as written:
             os.fsync(written.fileno())
+        os.chmod(temp_name, 0o666 & ~_umask())  # mkstemp makes files private; use the usual permissions
         os.replace(temp_name, path)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def split_components(state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -222,6 +229,7 @@ class atomic_folder:
         if exc_type is not None:
             shutil.rmtree(self.temp, ignore_errors=True)
             return
+        os.chmod(self.temp, 0o777 & ~_umask())  # mkdtemp makes folders private; use the usual permissions
         if self.path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".old", dir=self.path.parent))
             os.replace(self.path, old / "previous")

@@ -5,7 +5,7 @@ background colour (12), with the class names of ``ldm.procedural``. Its penultim
 features (global-average-pooled, ``[B, F]``) feed a Frechet distance between image sets,
 the FID recipe with this judge in place of Inception.
 
-    judge = Judge.load()                       # the weights shipped in ldm/default_model/
+    judge = Judge.load()                       # the weights shipped in ldm/judge_model/
     judge.classify(images)                     # [{"object": "bicycle", "object_prob": 0.99, ...}, ...]
     frechet_distance(judge.features(real), judge.features(fake))
 """
@@ -28,7 +28,7 @@ from ldm.procedural import BACKGROUNDS, COLOURS, OBJECTS, images_to_tensor
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_JUDGE_PATH = Path(__file__).resolve().parent / "default_model" / "judge.safetensors"
+DEFAULT_JUDGE_PATH = Path(__file__).resolve().parent / "judge_model" / "judge.safetensors"
 HEADS = ("object", "colour", "background")
 
 

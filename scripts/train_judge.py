@@ -1,6 +1,6 @@
 """Train the judge (object / colour / background classifier) on procedural images.
 
-    python scripts/train_judge.py --out ldm/default_model/judge.safetensors
+    python scripts/train_judge.py --out ldm/judge_model/judge.safetensors
 
 Seeded and CPU-only; a few minutes on 2 cores. Images are drawn on the fly from
 ``ProceduralDataset(seed, split="all")`` and lightly degraded (colour jitter, down/up
