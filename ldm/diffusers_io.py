@@ -21,20 +21,15 @@ from ldm.errors import CheckpointError
 from ldm.keymaps import text as text_keymap
 from ldm.keymaps import unet as unet_keymap
 from ldm.keymaps import vae as vae_keymap
+from ldm.samplers import SAMPLERS
 from ldm.schedule import ScheduleConfig
 from ldm.tokenizer import ClipTokenizer
 
 logger = logging.getLogger(__name__)
 
-# diffusers scheduler class <-> our sampler name (PNDM/LMS have no counterpart: use DPM++ 2M).
-SCHEDULER_CLASSES = {
-    "ddpm": "DDPMScheduler",
-    "ddim": "DDIMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_ancestral": "EulerAncestralDiscreteScheduler",
-    "heun": "HeunDiscreteScheduler",
-    "dpmpp_2m": "DPMSolverMultistepScheduler",
-}
+# our sampler name -> the diffusers scheduler class with the same algorithm (PNDM/LMS folders,
+# which have no counterpart here, load with DPM++ 2M).
+SCHEDULER_CLASSES = {name: spec.diffusers_class for name, spec in SAMPLERS.items()}
 _SAMPLER_FOR_CLASS = {cls: name for name, cls in SCHEDULER_CLASSES.items()}
 
 _WEIGHT_NAMES = {
