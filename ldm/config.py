@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from autoencoder.model import AutoencoderConfig
+from ldm.dataclass_io import strict_from_dict
 from ldm.errors import ConfigError
 from ldm.schedule import ScheduleConfig
 from ldm.text_encoders import TextEncoderConfig
@@ -40,11 +41,7 @@ class SamplingDefaults:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SamplingDefaults":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown key {unknown[0]!r}")
-        return cls(**d)
+        return strict_from_dict(cls, d)
 
 
 # (section name in config.yaml, config class)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from ldm.dataclass_io import strict_from_dict
 from ldm.procedural import BACKGROUNDS, COLOURS, OBJECTS, images_to_tensor
 
 logger = logging.getLogger(__name__)
@@ -61,11 +62,7 @@ class JudgeConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "JudgeConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown JudgeConfig keys: {unknown}")
-        return cls(**d)
+        return strict_from_dict(cls, d)
 
 
 def _conv_bn_relu(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ldm.dataclass_io import strict_from_dict
+
 BETA_SCHEDULES = ("scaled_linear", "linear", "cosine")
 PREDICTIONS = ("eps", "v")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
@@ -81,11 +83,7 @@ class ScheduleConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ScheduleConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown key {unknown[0]!r} in ScheduleConfig (expected some of {sorted(known)})")
-        return cls(**d)
+        return strict_from_dict(cls, d)
 
     @classmethod
     def from_diffusers(cls, scheduler_config: dict[str, Any]) -> "ScheduleConfig":

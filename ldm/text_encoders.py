@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ldm.dataclass_io import strict_from_dict
 from ldm.tokenizer import ClipTokenizer
 
 _KINDS = ("clip", "openclip")
@@ -93,11 +94,7 @@ class TextEncoderConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TextEncoderConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"TextEncoderConfig: unknown key(s) {unknown}")
-        return cls(**d)
+        return strict_from_dict(cls, d)
 
     @classmethod
     def sd1(cls) -> "TextEncoderConfig":

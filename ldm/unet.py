@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ldm.attention import attention
+from ldm.dataclass_io import strict_from_dict
 
 logger = logging.getLogger(__name__)
 
@@ -125,11 +126,7 @@ class UNetConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> UNetConfig:
         """Inverse of :meth:`to_dict`; raises ``ValueError`` naming any unknown key."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown UNetConfig key(s): {', '.join(unknown)}")
-        return cls(**dict(d))
+        return strict_from_dict(cls, d)
 
     @classmethod
     def from_compvis(cls, params: Mapping[str, Any]) -> UNetConfig:

@@ -23,7 +23,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ldm.config import PipelineConfig, SamplingDefaults  # noqa: E402
-from ldm.keymaps import unet as unet_keymap  # noqa: E402
 from ldm.pipeline import Txt2ImgPipeline  # noqa: E402
 from ldm.schedule import ScheduleConfig  # noqa: E402
 from ldm.text_encoders import TextEncoderConfig  # noqa: E402
