@@ -104,14 +104,14 @@ def load_config(path: str | Path) -> PipelineConfig:
 
 def save_config(config: PipelineConfig, path: str | Path) -> None:
     """Write ``config`` as YAML (tuples become lists; ``load_config`` turns them back)."""
-    text = yaml.safe_dump(_plain(config.to_dict()), sort_keys=False)
+    text = yaml.safe_dump(plain_data(config.to_dict()), sort_keys=False)
     Path(path).write_text(text, encoding="utf-8")
 
 
-def _plain(value: Any) -> Any:
-    """Tuples -> lists, recursively, so ``yaml.safe_dump`` writes plain YAML."""
+def plain_data(value: Any) -> Any:
+    """Tuples -> lists, recursively, so YAML and JSON writers emit plain data."""
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain_data(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain_data(v) for v in value]
     return value

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ldm import checkpoints
-from ldm.config import PipelineConfig, SamplingDefaults
+from ldm.config import PipelineConfig, SamplingDefaults, plain_data
 from ldm.errors import CheckpointError
 from ldm.keymaps import text as text_keymap
 from ldm.keymaps import unet as unet_keymap
@@ -140,7 +140,7 @@ def _component_config_json(name: str, keymap, config: PipelineConfig) -> dict[st
         config["architectures"] = ["CLIPTextModel"]
         return config
     class_name = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}[name]
-    return {"_class_name": class_name, "_diffusers_version": diffusers.__version__, **_jsonable(values)}
+    return {"_class_name": class_name, "_diffusers_version": diffusers.__version__, **plain_data(values)}
 
 
 def _scheduler_json(config: PipelineConfig) -> dict[str, Any]:
@@ -158,14 +158,6 @@ def _scheduler_json(config: PipelineConfig) -> dict[str, Any]:
     if config.sampling.karras and sampler in ("euler", "euler_ancestral", "heun", "dpmpp_2m"):
         values["use_karras_sigmas"] = True
     return values
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 def _weights_file(component_folder: Path, name: str) -> Path:

@@ -27,7 +27,7 @@ import math
 import random
 import re
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -287,13 +287,8 @@ class EvaluationSettings:
 
     def sampling_options(self, pipe):
         """The pipeline's :class:`SamplingDefaults` with these overrides, validated."""
-        from ldm.pipeline import validate_sampling_options
-
-        overrides = dict(steps=self.steps, guidance_scale=self.guidance_scale, sampler=self.sampler,
-                         height=self.height, width=self.width)
-        options = replace(pipe.config.sampling, **{k: v for k, v in overrides.items() if v is not None})
-        validate_sampling_options(options, pipe.vae.downsample_factor)
-        return options
+        return pipe.sampling_options(steps=self.steps, guidance_scale=self.guidance_scale, sampler=self.sampler,
+                                     height=self.height, width=self.width)
 
 
 @dataclass

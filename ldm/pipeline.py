@@ -25,7 +25,7 @@ from PIL import Image
 
 from autoencoder.model import AutoencoderKL
 from ldm import checkpoints
-from ldm.config import PipelineConfig, load_config, save_config
+from ldm.config import PipelineConfig, SamplingDefaults, load_config, save_config
 from ldm.denoiser import DiscreteDenoiser, cfg_denoiser
 from ldm.errors import CheckpointError, ConfigError
 from ldm.samplers import SAMPLERS, final_latents, initial_latents
@@ -64,12 +64,7 @@ class Txt2ImgPipeline:
     @classmethod
     def from_config(cls, config: PipelineConfig) -> "Txt2ImgPipeline":
         """Build a pipeline with freshly initialised (random) weights."""
-        return cls(
-            config,
-            UNetModel(config.unet),
-            AutoencoderKL(config.vae),
-            build_text_encoder(config.text_encoder),
-        )
+        return cls(config, **build_components(config))
 
     @classmethod
     def from_pretrained(
@@ -145,8 +140,7 @@ class Txt2ImgPipeline:
     def _from_parts(cls, config: PipelineConfig, parts: dict, *, source: str) -> "Txt2ImgPipeline":
         """Build the networks on the meta device and fill them strictly from per-component state dicts."""
         with torch.device("meta"):
-            modules = {"unet": UNetModel(config.unet), "vae": AutoencoderKL(config.vae),
-                       "text_encoder": build_text_encoder(config.text_encoder)}
+            modules = build_components(config)
         for name, module in modules.items():
             # assign=True: the module takes the loaded tensors themselves, so weights are held once.
             checkpoints.load_into(module, parts.get(name, {}), what=f"{source}: {name}", assign=True)
@@ -247,7 +241,8 @@ class Txt2ImgPipeline:
                 float rounding.
             output_type: ``"pil"`` (list of images) or ``"pt"`` (tensor ``[B, 3, H, W]`` in [0, 1]).
         """
-        options = self._resolve_options(steps, guidance_scale, sampler, height, width, eta, karras)
+        options = self.sampling_options(steps=steps, guidance_scale=guidance_scale, sampler=sampler,
+                                        height=height, width=width, eta=eta, karras=karras)
         prompts, negatives = _expand_prompts(prompt, negative_prompt, num_images)
         seeds = [seed + i for i in range(len(prompts))]
         total_steps = options.steps * len(prompts)
@@ -299,21 +294,31 @@ class Txt2ImgPipeline:
         rows = [torch.randn((1, *shape), generator=g, dtype=torch.float32) for g in generators]
         return torch.cat(rows).to(self.device)
 
-    def _resolve_options(self, steps, guidance_scale, sampler, height, width, eta, karras):
-        defaults = self.config.sampling
-        options = replace(
-            defaults,
-            **{
-                key: value
-                for key, value in dict(
-                    steps=steps, guidance_scale=guidance_scale, sampler=sampler,
-                    height=height, width=width, eta=eta, karras=karras,
-                ).items()
-                if value is not None
-            },
-        )
+    def sampling_options(self, **overrides) -> SamplingDefaults:
+        """The model's ``config.sampling`` with the given non-``None`` overrides, validated.
+
+        Raises:
+            ConfigError: for options no sampler can use (see :func:`validate_sampling_options`).
+        """
+        options = replace(self.config.sampling, **{k: v for k, v in overrides.items() if v is not None})
         validate_sampling_options(options, self.vae.downsample_factor)
         return options
+
+
+def build_component(name: str, config: PipelineConfig) -> torch.nn.Module:
+    """A freshly initialised ``"unet"``, ``"vae"`` or ``"text_encoder"`` for ``config``."""
+    if name == "unet":
+        return UNetModel(config.unet)
+    if name == "vae":
+        return AutoencoderKL(config.vae)
+    if name == "text_encoder":
+        return build_text_encoder(config.text_encoder)
+    raise ValueError(f"unknown component {name!r}")
+
+
+def build_components(config: PipelineConfig) -> dict[str, torch.nn.Module]:
+    """All three networks, keyed like :data:`ldm.checkpoints.COMPONENT_PREFIXES`."""
+    return {name: build_component(name, config) for name in checkpoints.COMPONENT_PREFIXES}
 
 
 def validate_sampling_options(options, downsample_factor: int = 8) -> None:
@@ -395,10 +400,8 @@ def _reset_nonpersistent_buffers(module: torch.nn.Module, config: PipelineConfig
     missing = [n for n, b in module.named_buffers() if b.is_meta]
     if not missing:
         return
-    builders = {"unet": lambda: UNetModel(config.unet), "vae": lambda: AutoencoderKL(config.vae),
-                "text_encoder": lambda: build_text_encoder(config.text_encoder)}
     with _parameters_on_meta():
-        fresh = dict(builders[name]().named_buffers())
+        fresh = dict(build_component(name, config).named_buffers())
     for buffer_name in missing:
         owner_name, _, attr = buffer_name.rpartition(".")
         owner = module.get_submodule(owner_name) if owner_name else module

@@ -60,7 +60,7 @@ import torch
 import yaml
 from torch import Tensor
 
-from autoencoder.model import AutoencoderConfig, AutoencoderKL
+from autoencoder.model import AutoencoderConfig
 from ldm import checkpoints
 from ldm.checkpoints import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
 from ldm.config import PipelineConfig, SamplingDefaults, load_config
@@ -68,7 +68,7 @@ from ldm.errors import CheckpointError, ConfigError
 from ldm.keymaps import text as text_keymap
 from ldm.keymaps import vae as vae_keymap
 from ldm.schedule import NoiseSchedule, ScheduleConfig
-from ldm.text_encoders import TextEncoderConfig, build_text_encoder
+from ldm.text_encoders import TextEncoderConfig
 from ldm.unet import UNetConfig, UNetModel
 
 logger = logging.getLogger(__name__)
@@ -810,9 +810,10 @@ def check_fits(checkpoint: OriginalCheckpoint) -> None:
     shape mismatches), also for the U-Net weight set the pipeline would not load.
     """
     config = checkpoint.config
+    from ldm.pipeline import build_components
+
     with torch.device("meta"):
-        modules = {"unet": UNetModel(config.unet), "vae": AutoencoderKL(config.vae),
-                   "text_encoder": build_text_encoder(config.text_encoder)}
+        modules = build_components(config)
     weight_sets = [(name, checkpoint.parts[name]) for name in modules]
     weight_sets += [("unet", s) for s in (checkpoint.ema_unet, checkpoint.non_ema_unet) if s is not None]
     with warnings.catch_warnings():

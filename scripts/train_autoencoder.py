@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from autoencoder.losses import autoencoder_loss, psnr  # noqa: E402
 from autoencoder.model import AutoencoderConfig, AutoencoderKL  # noqa: E402
 from ldm import checkpoints, training  # noqa: E402
+from ldm.dataclass_io import strict_from_dict  # noqa: E402
 from ldm.procedural import ProceduralDataset, images_to_tensor  # noqa: E402
 
 logger = logging.getLogger("train_autoencoder")
@@ -66,11 +67,10 @@ class DecoderFinetuneConfig:
 
 
 def _section(cls, data: dict, name: str, path: Path):
-    fields = {f.name for f in dataclasses.fields(cls)}
-    bad = sorted(set(data.get(name) or {}) - fields)
-    if bad:
-        raise ValueError(f"{path}: {name}: unknown key {bad[0]!r}")
-    return cls(**(data.get(name) or {}))
+    try:
+        return strict_from_dict(cls, data.get(name) or {})
+    except ValueError as error:
+        raise ValueError(f"{path}: {name}: {error}") from None
 
 
 def read_config(path: Path) -> tuple[AutoencoderConfig, VAETrainConfig, DecoderFinetuneConfig]:

@@ -153,12 +153,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def generate(args: argparse.Namespace, prompts: list[str]) -> int:
-    from dataclasses import replace
-
     from tqdm import tqdm
 
     from ldm.images import a1111_parameters, make_grid, save_new_png
-    from ldm.pipeline import Txt2ImgPipeline, validate_sampling_options
+    from ldm.pipeline import Txt2ImgPipeline
 
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
@@ -172,13 +170,8 @@ def generate(args: argparse.Namespace, prompts: list[str]) -> int:
 
         for path, scale in args.lora:
             load_lora(pipe, path, scale)
-    options = replace(
-        pipe.config.sampling,
-        **{k: v for k, v in dict(steps=args.steps, guidance_scale=args.scale, sampler=args.sampler,
-                                   height=args.height, width=args.width, eta=args.eta, karras=args.karras).items()
-           if v is not None},
-    )
-    validate_sampling_options(options, pipe.vae.downsample_factor)
+    options = pipe.sampling_options(steps=args.steps, guidance_scale=args.scale, sampler=args.sampler,
+                                    height=args.height, width=args.width, eta=args.eta, karras=args.karras)
     model_name = Path(args.model).name if args.model else "default"
     extra = {"Model": model_name}
     if args.lora:
