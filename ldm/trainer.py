@@ -598,6 +598,7 @@ class TrainResult:
     step: int
     losses: list[float] = field(default_factory=list)  # per optimizer step, this session
     output: Path | None = None
+    samples_per_second: float = 0.0  # this session's training loop (data, forward, backward, optimizer, EMA)
 
 
 def train(config: RunConfig, run_dir: str | Path, *, resume: str = "auto", export_only: bool = False,
@@ -696,6 +697,7 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: str = "auto", expor
         running = step_loss if running is None else 0.98 * running + 0.02 * step_loss
         rate = (step - session_first) * t.batch_size * t.gradient_accumulation * world / max(
             1e-9, time.perf_counter() - session_start)
+        result.samples_per_second = rate
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import struct
-import zlib
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from conftest import write_bad_image_folder
 from ldm import data
 from ldm.errors import ConfigError
 
@@ -22,51 +21,10 @@ pytest.importorskip("datasets")
 # --------------------------------------------------------------------------------------------
 
 
-def _png_16bit_rgb(width: int, height: int, value: int) -> bytes:
-    """A 48-bit RGB PNG (PIL cannot write one) with every channel equal to ``value``."""
-    row = b"\x00" + struct.pack(">" + "H" * 3 * width, *([value] * 3 * width))
-
-    def chunk(tag: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", len(payload)) + tag + payload + struct.pack(">I", zlib.crc32(tag + payload))
-
-    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
-    chunks = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(row * height)) + chunk(b"IEND", b"")
-    return b"\x89PNG\r\n\x1a\n" + chunks
-
-
-def _write_bad_folder(folder):
-    """Every kind of bad data; returns {file name: caption} of the rows written to metadata.jsonl."""
-    folder.mkdir()
-    Image.new("RGB", (48, 40), (255, 0, 0)).save(folder / "red.png")
-    Image.new("RGB", (64, 48), (0, 0, 255)).save(folder / "blue.jpg", quality=95)
-    Image.new("L", (40, 40), 200).save(folder / "gray.png")
-    Image.new("RGBA", (40, 40), (0, 0, 255, 0)).save(folder / "transparent.png")
-    Image.fromarray(np.full((40, 40), 65535, dtype=np.uint16)).save(folder / "gray16.png")
-    (folder / "rgb16.png").write_bytes(_png_16bit_rgb(40, 40, 0x8080))
-    palette = Image.new("P", (40, 40), 0)
-    palette.putpalette([0, 255, 0] + [0, 0, 0] * 255)
-    palette.save(folder / "palette.png")
-    Image.new("RGB", (4, 4), (9, 9, 9)).save(folder / "tiny.png")
-    Image.new("RGB", (1200, 900), (0, 255, 0)).save(folder / "huge.jpg", quality=80)
-    (folder / "garbage.png").write_bytes(b"this is not an image")
-    (folder / "empty.jpg").write_bytes(b"")
-    valid = (folder / "red.png").read_bytes()
-    (folder / "truncated.png").write_bytes(valid[: len(valid) // 2])
-    captions = {
-        "red.png": "a red square", "blue.jpg": "café ☕ 日本語 🚲", "gray.png": None, "transparent.png": "   ",
-        "gray16.png": "16-bit", "rgb16.png": "48-bit", "palette.png": "green", "tiny.png": "tiny",
-        "huge.jpg": "huge", "garbage.png": "x", "empty.jpg": "x", "truncated.png": "x",
-    }
-    with open(folder / "metadata.jsonl", "w", encoding="utf-8") as f:
-        for name, caption in captions.items():
-            f.write(json.dumps({"file_name": name, "text": caption}, ensure_ascii=False) + "\n")
-    return captions
-
-
 @pytest.fixture(scope="module")
 def bad_dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    _write_bad_folder(root / "bad")
+    write_bad_image_folder(root / "bad")
     rows = data.load_image_caption_dataset(root / "bad", cache_dir=root / "hf-cache")
     return data.ImageCaptionDataset(rows, resolution=32, min_side=8, huge_side=1000)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -16,7 +17,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import tiny_pipeline
+from conftest import tiny_pipeline, write_bad_image_folder
 from ldm import training
 from ldm.errors import ConfigError
 from ldm.trainer import apply_overrides, diffusion_loss_on_batch, parse_run_config, read_run_config, train
@@ -153,6 +154,22 @@ def test_folder_fine_tune_lowers_the_loss_and_saves_both_formats(workspace, capl
     assert (workspace / "full" / "validation" / "step-0000040.png").is_file()
     assert (workspace / "full" / "model-diffusers" / "model_index.json").is_file()
     assert json.loads((workspace / "full" / "model" / "training.json").read_text())["steps"] == 40
+
+
+def test_training_on_every_kind_of_bad_data_reports_what_it_skipped(workspace, caplog):
+    """Corrupt, truncated, empty, tiny, huge, 16-bit, RGBA, palette and grayscale files, missing and
+    unicode captions: the run trains (with buckets, random crops and flips) and says what it skipped."""
+    caplog.set_level(logging.INFO)
+    write_bad_image_folder(workspace / "bad-images")
+    path = write_config(workspace, "bad", data={"source": str(workspace / "bad-images"), "bucketing": True,
+                                                "crop": "random", "random_flip": True},
+                        training={"steps": 4, "checkpoint_every": 2})
+    result = train(read_run_config(path), workspace / "bad", progress=False)
+    assert result.step == 4 and all(math.isfinite(loss) for loss in result.losses)
+    report = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data: ")]
+    assert report and "8 of 12 images used" in report[0], report
+    assert "3 unreadable skipped" in report[0] and "1 too small" in report[0]
+    assert "2 missing/empty captions" in report[0]
 
 
 def test_lora_mode_writes_a_small_file_that_load_lora_reads(workspace):

@@ -107,7 +107,10 @@ def test_checkpoint_write_is_atomic_and_keeps_the_last_k(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_recipe(tmp_path_factory):
-    """A tiny VAE folder and a tiny train.py config that trains in seconds."""
+    """A tiny VAE folder, an image folder, and two tiny train.py configs (procedural / folder data)
+    that train in seconds: ``procedural.yaml`` and ``folder.yaml``."""
+    from PIL import Image
+
     from autoencoder.model import AutoencoderConfig, AutoencoderKL
     from ldm.checkpoints import save_safetensors_atomic
 
@@ -125,14 +128,27 @@ def tiny_recipe(tmp_path_factory):
     config.update(vae=str(root / "vae"), output=str(root / "out"))
     config["data"]["pool_size"] = 64
     config["training"].update(batch_size=4, steps=12, warmup_steps=2, checkpoint_every=2)
-    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    (root / "procedural.yaml").write_text(yaml.safe_dump(config))
+
+    images = root / "images"
+    images.mkdir()
+    rows = []
+    for i in range(10):  # two aspect ratios -> two buckets; 10 images -> several epochs in 12 steps
+        image = Image.new("RGB", (48, 32) if i % 2 else (32, 32), (25 * i, 255 - 20 * i, 90))
+        image.save(images / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": f"picture number {i}"})
+    (images / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    config["data"] = {"kind": "folder", "source": str(images), "resolution": 32, "crop": "random",
+                      "random_flip": True, "bucketing": True}
+    config["output"] = str(root / "out-folder")
+    (root / "folder.yaml").write_text(yaml.safe_dump(config))
     return root
 
 
-def run_train(recipe: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
+def run_train(config: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), "--config",
-                             str(recipe / "config.yaml"), "--run-dir", str(run_dir), "--threads", "1", *extra],
+                             str(config), "--run-dir", str(run_dir), "--threads", "1", *extra],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -141,14 +157,18 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_sigkill_and_resume_reaches_the_same_weights_as_an_uninterrupted_run(tiny_recipe, tmp_path):
-    straight = run_train(tiny_recipe, tmp_path / "straight")
+@pytest.mark.parametrize("data", ["procedural", "folder"])
+def test_sigkill_and_resume_reaches_the_same_weights_as_an_uninterrupted_run(tiny_recipe, tmp_path, data):
+    """At least five SIGKILLs at varying points after a checkpoint; on folder data the resumed runs
+    must also continue the shuffled, bucketed, randomly cropped and flipped epochs where they were."""
+    config = tiny_recipe / f"{data}.yaml"
+    straight = run_train(config, tmp_path / "straight")
     assert straight.wait(timeout=300) == 0, straight.stderr.read()
 
     interrupted = tmp_path / "interrupted"
     kills = 0
     for _ in range(8):
-        process = run_train(tiny_recipe, interrupted)
+        process = run_train(config, interrupted)
         deadline = time.time() + 120
         before = {s for s, _ in training.list_checkpoints(interrupted)}
         while time.time() < deadline and process.poll() is None:
@@ -164,7 +184,7 @@ def test_sigkill_and_resume_reaches_the_same_weights_as_an_uninterrupted_run(tin
             assert (folder / "weights.safetensors").is_file() and (folder / "state.pt").is_file()
         if process.returncode == 0:
             break
-    final = run_train(tiny_recipe, interrupted)
+    final = run_train(config, interrupted)
     assert final.wait(timeout=300) == 0, final.stderr.read()
     assert kills >= 5
     assert training.list_checkpoints(interrupted)[-1][0] == 12
@@ -174,5 +194,6 @@ def test_sigkill_and_resume_reaches_the_same_weights_as_an_uninterrupted_run(tin
     # (~1e-7 seen; a lost or repeated batch moves them by ~1e-3).
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst < 1e-5, f"resumed run diverged from the uninterrupted one (max abs diff {worst:.2e})"
-    note = json.loads((tiny_recipe / "out" / "training.json").read_text())
+    output = tiny_recipe / ("out" if data == "procedural" else "out-folder")
+    note = json.loads((output / "training.json").read_text())
     assert note["steps"] == 12
