@@ -3,6 +3,7 @@
 
     python scripts/train.py --config configs/finetune-example.yaml [training.lr=1e-5 data.source=my_images ...]
     accelerate launch scripts/train.py --config configs/lora-example.yaml     # several GPUs / mixed precision
+    ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 scripts/train.py --config ...   # several CPU processes
     python scripts/train.py --config configs/default-model.yaml --run-dir runs/default   # the default model
 
 ``key=value`` pairs override the config by dotted path (values are YAML: ``training.lora.rank=16``);
@@ -14,6 +15,7 @@ an unknown key is an error. Re-running the same command resumes from the newest 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -39,7 +41,8 @@ def parse_args(argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    main_process = int(os.environ.get("RANK", "0")) == 0  # set by accelerate launch / torchrun
+    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING, format="%(asctime)s %(message)s")
     import torch
 
     from ldm.errors import LdmError

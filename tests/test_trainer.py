@@ -227,3 +227,24 @@ def test_command_line_run_with_bf16_autocast_and_export(workspace):
     assert done.returncode == 0, done.stderr[-2000:]
     assert [s for s, _ in training.list_checkpoints(workspace / "bf16")] == [1, 2]  # keep_checkpoints=2
     assert (workspace / "bf16" / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_two_processes_train_data_parallel_and_only_rank_0_writes(workspace):
+    """Two processes under ``torchrun`` with ``ACCELERATE_USE_CPU`` (accelerate's DDP over gloo, the
+    same code path as ``accelerate launch`` on several GPUs): each optimizer step counts both
+    processes' batches, and rank 0 alone logs, writes checkpoints and exports the model."""
+    path = write_config(workspace, "ddp", training={"steps": 4, "checkpoint_every": 2},
+                        data={"bucketing": True, "random_flip": True, "crop": "random"})
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(ROOT / "scripts" / "train.py"), "--config", str(path), "--run-dir",
+                           str(workspace / "ddp"), "--threads", "1", "--no-progress"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [s for s, _ in training.list_checkpoints(workspace / "ddp")] == [2, 4]
+    note = json.loads((workspace / "ddp" / "model" / "training.json").read_text())
+    assert note["steps"] == 4 and note["samples_seen"] == 4 * 3 * 2  # batch 3 per process, 2 processes
+    state = torch.load(workspace / "ddp" / "checkpoints" / "step-0000004" / "state.pt", weights_only=True)
+    assert state["step"] == 4
+    assert done.stderr.count("saved checkpoint") == 2 and done.stderr.count("data: ") == 1  # rank 0 only
