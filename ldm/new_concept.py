@@ -92,9 +92,15 @@ def moon_samples(n: int, seed: int, image_size: int = 64) -> list[MoonSample]:
     return [draw_moon(random.Random(f"moon/{seed}/{i}"), image_size) for i in range(n)]
 
 
-def export_moon_folder(directory: str | Path, n: int, seed: int = 0, image_size: int = 64) -> Path:
+def export_moon_folder(directory: str | Path, n: int, seed: int = 0, image_size: int = 64, *,
+                       prior: int = 0, prior_seed: int = 7) -> Path:
     """Write ``n`` moons as PNGs plus ``metadata.jsonl`` (``file_name``, ``text``, ``colour``), the
-    ``imagefolder`` layout ``scripts/train.py`` reads. Refuses a folder that already has metadata."""
+    ``imagefolder`` layout ``scripts/train.py`` reads. Refuses a folder that already has metadata.
+
+    ``prior > 0`` adds that many images of the known kinds (procedural training-split images with
+    their captions, seed ``prior_seed``): "prior preservation" (Ruiz et al. 2023, DreamBooth), which
+    keeps a fine-tune from forgetting the old concepts while it learns the new one.
+    """
     directory = Path(directory)
     if (directory / "metadata.jsonl").exists():
         raise FileExistsError(f"{directory / 'metadata.jsonl'} exists; not overwriting a dataset")
@@ -103,8 +109,11 @@ def export_moon_folder(directory: str | Path, n: int, seed: int = 0, image_size:
     for i, sample in enumerate(moon_samples(n, seed, image_size)):
         sample.image.save(directory / f"moon-{i:04d}.png")
         rows.append({"file_name": f"moon-{i:04d}.png", "text": sample.caption, "colour": sample.colour})
+    for i, sample in enumerate(ProceduralDataset(prior_seed, "train", image_size).take(prior)):
+        sample.image.save(directory / f"prior-{i:04d}.png")
+        rows.append({"file_name": f"prior-{i:04d}.png", "text": sample.caption, "colour": sample.colour})
     (directory / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    logger.info("wrote %d moons (seed %d) to %s", n, seed, directory)
+    logger.info("wrote %d moons (seed %d) and %d prior images to %s", n, seed, prior, directory)
     return directory
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Fine-tuning demonstration: teach the default model a concept it has never seen (crescent moons).
 
-    python scripts/concept_demo.py data --out data/moons --n 80            # the custom dataset
+    python scripts/concept_demo.py data --out data/moons --n 80 --prior 800   # the custom dataset
     python scripts/train.py --config configs/moon-finetune.yaml             # full fine-tune
     python scripts/train.py --config configs/moon-lora.yaml                 # LoRA
     python scripts/concept_demo.py measure --out runs/moon-demo \\
@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     data.add_argument("--out", type=Path, required=True)
     data.add_argument("--n", type=int, default=80, help="number of images (default 80)")
     data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--prior", type=int, default=0,
+                      help="also write this many images of the known kinds (prior preservation; default 0)")
     run = commands.add_parser("measure", help="measure models on moon prompts and on the old concepts")
     run.add_argument("models", nargs="+", help="NAME=MODEL_FOLDER[+LORA_FILE]")
     run.add_argument("--out", type=Path, default=Path("runs/moon-demo"))
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "data":
             from ldm.new_concept import export_moon_folder
 
-            export_moon_folder(args.out, args.n, args.seed)
+            export_moon_folder(args.out, args.n, args.seed, prior=args.prior)
         else:
             measure(args)
     except (LdmError, FileNotFoundError, FileExistsError, ValueError) as error:
