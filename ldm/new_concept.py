@@ -31,7 +31,6 @@ from ldm.procedural import (
 
 logger = logging.getLogger(__name__)
 
-CONCEPT = "moon"
 # Training captions. The evaluation prompt template (EVAL_TEMPLATE) is none of these.
 TEMPLATES: tuple[str, ...] = (
     "{a_colour} moon",

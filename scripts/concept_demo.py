@@ -18,7 +18,6 @@ procedural images with seeds disjoint from the fine-tuning set; its held-out acc
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
