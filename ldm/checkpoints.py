@@ -206,6 +206,8 @@ class atomic_folder:
 
     A non-empty existing folder is only replaced when it holds one of ``model_markers``
     (i.e. it is a saved model); anything else is refused, so user files are never deleted.
+    Markdown files at the top of the replaced folder (a model card, notes) that the new save did
+    not write are carried over into it.
     """
 
     def __init__(self, path: str | Path, model_markers: tuple[str, ...] = ("config.yaml", "model_index.json")) -> None:
@@ -231,6 +233,9 @@ class atomic_folder:
             return
         os.chmod(self.temp, 0o777 & ~_umask())  # mkdtemp makes folders private; use the usual permissions
         if self.path.exists():
+            for document in self.path.glob("*.md"):
+                if document.is_file() and not (self.temp / document.name).exists():
+                    shutil.copy2(document, self.temp / document.name)
             old = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".old", dir=self.path.parent))
             os.replace(self.path, old / "previous")
             os.replace(self.temp, self.path)

@@ -9,7 +9,11 @@ Two stages, each resumable (re-running the same command continues from the newes
    scaling factor is set to 1/std of the latents (Rombach et al. 2022, Sec. 4.3.2 / App. G);
 2. optionally (``decoder_finetune.steps > 0``) the decoder alone on full images with the encoder
    frozen, as Stability did for SD's "ft-MSE" VAE: sharper images, identical latents, so a
-   diffusion model trained on the stage-1 latents stays valid.
+   diffusion model trained on the stage-1 latents stays valid;
+3. optionally (``joint_finetune.steps > 0``) encoder and decoder together on full images, with
+   ``anchor_weight * |mu - mu_2|^2`` tying the posterior mean to the stage-2 encoder's, so the
+   latents move only slightly (the log prints their relative drift) and a diffusion model trained
+   on them stays valid, while the encoder can put more detail into them.
 
 The result is written to ``<run-dir>/vae.safetensors`` + ``vae.yaml``.
 """
@@ -17,6 +21,7 @@ The result is written to ``<run-dir>/vae.safetensors`` + ``vae.yaml``.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import logging
 import sys
@@ -66,6 +71,11 @@ class DecoderFinetuneConfig:
     checkpoint_every: int = 250
 
 
+@dataclasses.dataclass
+class JointFinetuneConfig(DecoderFinetuneConfig):
+    anchor_weight: float = 0.02  # weight of the mean squared latent drift from the stage-2 encoder
+
+
 def _section(cls, data: dict, name: str, path: Path):
     try:
         return strict_from_dict(cls, data.get(name) or {})
@@ -73,14 +83,15 @@ def _section(cls, data: dict, name: str, path: Path):
         raise ValueError(f"{path}: {name}: {error}") from None
 
 
-def read_config(path: Path) -> tuple[AutoencoderConfig, VAETrainConfig, DecoderFinetuneConfig]:
+def read_config(path: Path) -> tuple[AutoencoderConfig, VAETrainConfig, DecoderFinetuneConfig, JointFinetuneConfig]:
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    unknown = sorted(set(data) - {"model", "training", "decoder_finetune"})
+    unknown = sorted(set(data) - {"model", "training", "decoder_finetune", "joint_finetune"})
     if unknown:
         raise ValueError(f"{path}: unknown key {unknown[0]!r}")
     model = AutoencoderConfig.from_dict(data.get("model", {}))
     return (model, _section(VAETrainConfig, data, "training", path),
-            _section(DecoderFinetuneConfig, data, "decoder_finetune", path))
+            _section(DecoderFinetuneConfig, data, "decoder_finetune", path),
+            _section(JointFinetuneConfig, data, "joint_finetune", path))
 
 
 def image_pool(seed: int, n: int, split: str = "train") -> torch.Tensor:
@@ -122,6 +133,28 @@ def decoder_loss(model: AutoencoderKL, batch: torch.Tensor, generator: torch.Gen
     reconstruction = model.decode(latents)
     l1, mse = (reconstruction - batch).abs().mean(), (reconstruction - batch).pow(2).mean()
     return l1 + mse, {"l1": l1.item(), "mse": mse.item()}
+
+
+def anchored_loss(model: AutoencoderKL, batch: torch.Tensor, generator: torch.Generator,
+                  reference: AutoencoderKL, anchor_weight: float):
+    """L1 + MSE of the whole autoencoder on posterior means, plus ``anchor_weight`` times the mean
+    squared distance of those means from the frozen ``reference`` encoder's."""
+    latents = model.encode(batch).mode()
+    with torch.no_grad():
+        anchor = reference.encode(batch).mode()
+    reconstruction = model.decode(latents)
+    l1, mse = (reconstruction - batch).abs().mean(), (reconstruction - batch).pow(2).mean()
+    drift = (latents - anchor).pow(2).mean()
+    return l1 + mse + anchor_weight * drift, {"l1": l1.item(), "mse": mse.item()}
+
+
+@torch.no_grad()
+def relative_drift(model: AutoencoderKL, reference: AutoencoderKL, images: torch.Tensor) -> float:
+    """RMS distance of ``model``'s posterior means from ``reference``'s, relative to their std."""
+    model.eval()
+    latents, anchor = model.encode(images).mode(), reference.encode(images).mode()
+    model.train()
+    return ((latents - anchor).pow(2).mean() / anchor.var()).sqrt().item()
 
 
 def run_stage(name: str, model: AutoencoderKL, parameters: list, stage, run_dir: Path, pool: torch.Tensor,
@@ -171,11 +204,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", type=Path, default=Path("runs/vae"))
     parser.add_argument("--steps", type=int, help="override training.steps")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--update-model", type=Path, metavar="FOLDER",
+                        help="afterwards, put the trained autoencoder into this pipeline folder (same architecture "
+                             "and scaling factor; its U-Net and text encoder are kept)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_config, cfg, decoder_cfg = read_config(args.config)
+    model_config, cfg, decoder_cfg, joint_cfg = read_config(args.config)
     if args.steps:
         cfg.steps = args.steps
 
@@ -194,8 +230,35 @@ def main(argv: list[str] | None = None) -> int:
         model.encoder.requires_grad_(False), model.quant_conv.requires_grad_(False)
         seconds += run_stage("decoder", model, decoder_parameters, decoder_cfg, args.run_dir / "decoder", pool,
                              eval_images, decoder_loss, cfg.seed + 7)
+    if joint_cfg.steps > 0:
+        reference = copy.deepcopy(model).eval().requires_grad_(False)  # the stage-2 autoencoder
+        model.requires_grad_(True)
+        seconds += run_stage("joint", model, list(model.parameters()), joint_cfg, args.run_dir / "joint", pool,
+                             eval_images,
+                             lambda m, b, g: anchored_loss(m, b, g, reference, joint_cfg.anchor_weight),
+                             cfg.seed + 11)
+        logger.info("latent drift from stage 2: %.4f of the latent std", relative_drift(model, reference, eval_images))
     finish(model, model_config, scaling, eval_images, args.run_dir, seconds)
+    if args.update_model:
+        update_model(args.update_model, model, dataclasses.replace(model_config, scaling_factor=scaling))
     return 0
+
+
+def update_model(folder: Path, model: AutoencoderKL, config: AutoencoderConfig) -> None:
+    """Replace the autoencoder weights of the pipeline saved in ``folder``, keeping its storage dtype,
+    its other components, its model card and its ``training.json``."""
+    from ldm.pipeline import Txt2ImgPipeline
+
+    pipe = Txt2ImgPipeline.from_pretrained(folder)
+    if pipe.vae.config.to_dict() != config.to_dict():
+        raise ValueError(f"{folder}: its autoencoder config differs from the trained one; not replacing it")
+    dtype = next(iter(checkpoints.load_state_dict(folder / "model.safetensors").values())).dtype
+    note = (folder / "training.json").read_text(encoding="utf-8") if (folder / "training.json").is_file() else None
+    pipe.vae.load_state_dict(model.state_dict())
+    pipe.save_pretrained(folder, dtype=dtype)
+    if note is not None:
+        (folder / "training.json").write_text(note, encoding="utf-8")
+    logger.info("updated the autoencoder of %s (%s)", folder, dtype)
 
 
 @torch.no_grad()

@@ -177,6 +177,18 @@ def test_save_refuses_to_replace_a_folder_that_is_not_a_model(tmp_path, pipe):
     assert (precious / "holiday.jpg").read_bytes() == b"not a model"
 
 
+def test_saving_over_a_model_replaces_its_weights_and_keeps_its_model_card(tmp_path, pipe):
+    pipe.save_pretrained(tmp_path / "model")
+    (tmp_path / "model" / "MODEL_CARD.md").write_text("# my model\n")
+    (tmp_path / "model" / "stale.bin").write_bytes(b"old")
+    pipe.save_pretrained(tmp_path / "model", dtype=torch.float16)
+    assert (tmp_path / "model" / "MODEL_CARD.md").read_text() == "# my model\n"
+    assert not (tmp_path / "model" / "stale.bin").exists()  # only documents are carried over
+    from ldm.checkpoints import load_state_dict
+
+    assert next(iter(load_state_dict(tmp_path / "model" / "model.safetensors").values())).dtype == torch.float16
+
+
 def test_bad_options_raise_config_errors(pipe):
     from ldm.errors import ConfigError
 
