@@ -13,12 +13,17 @@ from torch import Tensor
 from autoencoder.model import DiagonalGaussian
 
 
+def reconstruction_terms(images: Tensor, reconstruction: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean absolute and mean squared error (scalars) of ``[B, C, H, W]`` images in [-1, 1]."""
+    error = reconstruction - images
+    return error.abs().mean(), error.pow(2).mean()
+
+
 def autoencoder_loss(
     images: Tensor, reconstruction: Tensor, posterior: DiagonalGaussian, *, kl_weight: float = 1e-6
 ) -> tuple[Tensor, dict[str, float]]:
     """Scalar loss and its parts for logging; ``images``/``reconstruction`` are ``[B, C, H, W]`` in [-1, 1]."""
-    l1 = (reconstruction - images).abs().mean()
-    mse = (reconstruction - images).pow(2).mean()
+    l1, mse = reconstruction_terms(images, reconstruction)
     kl = posterior.kl().mean() / posterior.mean[0].numel()
     loss = l1 + mse + kl_weight * kl
     return loss, {"l1": l1.item(), "mse": mse.item(), "kl": kl.item()}

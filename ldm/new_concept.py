@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw
 
 from ldm.procedural import (
     BACKGROUND_COLOURS, BACKGROUND_JITTER, COLOURS, OBJECT_COLOURS, OBJECT_JITTER, ProceduralDataset,
-    background_choices, with_article,
+    background_choices, resolve_colour, size_word, with_article,
 )
 
 logger = logging.getLogger(__name__)
@@ -51,10 +51,6 @@ class MoonSample:
     background: str
 
 
-def _jittered(rgb: tuple[int, int, int], jitter: int, rng: random.Random) -> tuple[int, ...]:
-    return tuple(min(255, max(0, c + rng.randint(-jitter, jitter))) for c in rgb)
-
-
 def draw_moon(rng: random.Random, image_size: int = 64, supersample: int = 2) -> MoonSample:
     """One random crescent: a disc with a second, background-coloured disc cut out of one side.
 
@@ -63,8 +59,8 @@ def draw_moon(rng: random.Random, image_size: int = 64, supersample: int = 2) ->
     """
     colour = rng.choice(COLOURS)
     background = rng.choice(background_choices(colour))
-    fg = _jittered(OBJECT_COLOURS[colour], OBJECT_JITTER, rng)
-    bg = _jittered(BACKGROUND_COLOURS[background], BACKGROUND_JITTER, rng)
+    fg = resolve_colour(colour, OBJECT_COLOURS, OBJECT_JITTER, rng)
+    bg = resolve_colour(background, BACKGROUND_COLOURS, BACKGROUND_JITTER, rng)
     side = image_size * supersample
     size = rng.uniform(0.45, 0.85)
     radius = size * side / 2
@@ -79,10 +75,9 @@ def draw_moon(rng: random.Random, image_size: int = 64, supersample: int = 2) ->
     draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=fg)
     draw.ellipse([bx - bite, by - bite, bx + bite, by + bite], fill=bg)
     image = canvas.resize((image_size, image_size), Image.Resampling.BOX)
-    size_word = "small" if size < 0.58 else "big" if size > 0.72 else "medium"
     template = rng.choice(TEMPLATES)
     caption = template.format(colour=colour, a_colour=with_article(colour), bg=background,
-                              a_bg=with_article(background), a_size=with_article(size_word))
+                              a_bg=with_article(background), a_size=with_article(size_word(size)))
     return MoonSample(image, caption, colour, background)
 
 

@@ -371,8 +371,8 @@ def render(
     """
     if object not in _DRAWERS:
         raise ValueError(f"unknown object {object!r}; expected one of {OBJECTS}")
-    fg = _resolve_colour(colour, OBJECT_COLOURS, OBJECT_JITTER, rng)
-    bg = _resolve_colour(background, BACKGROUND_COLOURS, BACKGROUND_JITTER, rng)
+    fg = resolve_colour(colour, OBJECT_COLOURS, OBJECT_JITTER, rng)
+    bg = resolve_colour(background, BACKGROUND_COLOURS, BACKGROUND_JITTER, rng)
     canvas_size = image_size * supersample
     canvas = Image.new("RGB", (canvas_size, canvas_size), bg)
     box = _UnitBox(
@@ -388,7 +388,9 @@ def render(
     return canvas.resize((image_size, image_size), Image.Resampling.BOX)
 
 
-def _resolve_colour(colour, table: dict[str, RGB], jitter: int, rng: random.Random | None) -> RGB:
+def resolve_colour(colour, table: dict[str, RGB], jitter: int, rng: random.Random | None) -> RGB:
+    """An RGB tuple as is, or a colour name from ``table`` with each channel moved by up to
+    ``+-jitter`` (drawn from ``rng``; no jitter when ``rng`` is None)."""
     if not isinstance(colour, str):
         return tuple(int(c) for c in colour)
     if colour not in table:

@@ -53,15 +53,12 @@ def load_model(model: str, lora: str | None):
 
 def concept_scores(pipe, judge, detector, per_colour: int, batch_size: int = 16) -> tuple[dict, list]:
     """Generate the moon prompts (prompt ``i`` with seed ``i``) and read them."""
+    from ldm.evaluation import EvalPrompt, generate_images
     from ldm.new_concept import eval_prompts
 
     prompts = eval_prompts(per_colour)
-    options = pipe.sampling_options()
-    images = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = [p for p, _ in prompts[start:start + batch_size]]
-        images += pipe(chunk, steps=options.steps, guidance_scale=options.guidance_scale, sampler=options.sampler,
-                       seed=start, batch_invariant=False)
+    requests = [EvalPrompt(prompt, colour, "moon", held_out=False, seed=i) for i, (prompt, colour) in enumerate(prompts)]
+    images = generate_images(pipe, requests, pipe.sampling_options(), batch_size=batch_size)
     p_moon = detector.probability(images)
     colours = [r["colour"] for r in judge.classify(images)]
     return {

@@ -34,7 +34,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from autoencoder.losses import autoencoder_loss, psnr  # noqa: E402
+from autoencoder.losses import autoencoder_loss, psnr, reconstruction_terms  # noqa: E402
 from autoencoder.model import AutoencoderConfig, AutoencoderKL  # noqa: E402
 from ldm import checkpoints, training  # noqa: E402
 from ldm.dataclass_io import strict_from_dict  # noqa: E402
@@ -131,7 +131,7 @@ def decoder_loss(model: AutoencoderKL, batch: torch.Tensor, generator: torch.Gen
     with torch.no_grad():
         latents = model.encode(batch).mode()
     reconstruction = model.decode(latents)
-    l1, mse = (reconstruction - batch).abs().mean(), (reconstruction - batch).pow(2).mean()
+    l1, mse = reconstruction_terms(batch, reconstruction)
     return l1 + mse, {"l1": l1.item(), "mse": mse.item()}
 
 
@@ -143,7 +143,7 @@ def anchored_loss(model: AutoencoderKL, batch: torch.Tensor, generator: torch.Ge
     with torch.no_grad():
         anchor = reference.encode(batch).mode()
     reconstruction = model.decode(latents)
-    l1, mse = (reconstruction - batch).abs().mean(), (reconstruction - batch).pow(2).mean()
+    l1, mse = reconstruction_terms(batch, reconstruction)
     drift = (latents - anchor).pow(2).mean()
     return l1 + mse + anchor_weight * drift, {"l1": l1.item(), "mse": mse.item()}
 
