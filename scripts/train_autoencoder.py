@@ -211,7 +211,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_config, cfg, decoder_cfg, joint_cfg = read_config(args.config)
+    from ldm.errors import LdmError
+
+    try:
+        model_config, cfg, decoder_cfg, joint_cfg = read_config(args.config)
+        if args.update_model:
+            check_model_folder(args.update_model, model_config)  # before training, not after it
+    except (LdmError, ValueError, OSError) as error:
+        print(f"train_autoencoder.py: error: {error}", file=sys.stderr)
+        return 2
     if args.steps:
         cfg.steps = args.steps
 
@@ -242,6 +250,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.update_model:
         update_model(args.update_model, model, dataclasses.replace(model_config, scaling_factor=scaling))
     return 0
+
+
+def check_model_folder(folder: Path, config: AutoencoderConfig) -> None:
+    """Raise unless ``folder`` holds a pipeline whose autoencoder has ``config``'s architecture
+    (the scaling factor is only known after stage 1; :func:`update_model` checks it)."""
+    from ldm.config import load_config
+
+    theirs = load_config(folder / "config.yaml").vae
+    if dataclasses.replace(theirs, scaling_factor=config.scaling_factor) != config:
+        raise ValueError(f"{folder}: its autoencoder has a different architecture than {config}")
 
 
 def update_model(folder: Path, model: AutoencoderKL, config: AutoencoderConfig) -> None:

@@ -51,6 +51,11 @@ def test_three_stages_then_update_a_model_folder_in_place(tmp_path):
     (folder / "training.json").write_text(json.dumps({"steps": 7}))
     unet_before = Txt2ImgPipeline.from_pretrained(folder).unet.state_dict()
 
+    # A folder that is not a pipeline, or whose autoencoder differs, is refused before any training.
+    assert train_autoencoder.main(["--config", str(config), "--run-dir", str(tmp_path / "unused"),
+                                   "--update-model", str(tmp_path / "missing")]) == 2
+    assert not (tmp_path / "unused").exists()
+
     # Re-running resumes every finished stage and only updates the folder.
     assert train_autoencoder.main(["--config", str(config), "--run-dir", str(run), "--threads", "1",
                                    "--update-model", str(folder)]) == 0
