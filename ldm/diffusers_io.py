@@ -17,7 +17,7 @@ import torch
 
 from ldm import checkpoints
 from ldm.config import PipelineConfig, SamplingDefaults, plain_data
-from ldm.errors import CheckpointError
+from ldm.errors import CheckpointError, ConfigError
 from ldm.keymaps import text as text_keymap
 from ldm.keymaps import unet as unet_keymap
 from ldm.keymaps import vae as vae_keymap
@@ -143,10 +143,17 @@ def _component_config_json(name: str, keymap, config: PipelineConfig) -> dict[st
     return {"_class_name": class_name, "_diffusers_version": diffusers.__version__, **plain_data(values)}
 
 
+# diffusers schedulers that ignore rescale_betas_zero_snr (they would silently sample another schedule)
+_NO_ZERO_SNR_SUPPORT = ("heun",)
+
+
 def _scheduler_json(config: PipelineConfig) -> dict[str, Any]:
     import diffusers
 
     sampler = config.sampling.sampler
+    if config.schedule.rescale_betas_zero_snr and sampler in _NO_ZERO_SNR_SUPPORT:
+        raise ConfigError(f"diffusers' {SCHEDULER_CLASSES[sampler]} has no zero-terminal-SNR option; "
+                          f"set sampling.sampler to another sampler before saving in diffusers format")
     values = {
         "_class_name": SCHEDULER_CLASSES[sampler],
         "_diffusers_version": diffusers.__version__,

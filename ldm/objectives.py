@@ -48,7 +48,9 @@ def min_snr_weights(alphas_cumprod_t: Tensor, gamma: float | None, prediction: s
     """Per-sample loss weights of Min-SNR-gamma (Hang et al. 2023, eq. 9), ``[B]``.
 
     ``snr = abar / (1 - abar)``. With an eps target the weight is ``min(snr, gamma) / snr``; with a
-    v target, ``min(snr, gamma) / (snr + 1)``. ``gamma=None`` gives all-ones (plain MSE).
+    v target, ``min(snr, gamma) / (snr + 1)``. ``gamma=None`` gives all-ones (plain MSE). On a
+    zero-terminal-SNR schedule the last step has snr = 0 and so weight 0 (with an eps target the
+    weight is undefined there, which is why that schedule requires v).
     """
     if gamma is None:
         return torch.ones_like(alphas_cumprod_t, dtype=torch.float32)

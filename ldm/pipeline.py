@@ -61,6 +61,22 @@ class Txt2ImgPipeline:
 
     # ------------------------------------------------------------------ construction
 
+    def replace_config_sections(self, sections: dict, *, source: str = "config") -> None:
+        """Replace keys of the ``schedule`` and/or ``sampling`` sections (the weights stay), e.g.
+        ``{"schedule": {"prediction": "v"}}`` before fine-tuning an eps model into a v model.
+
+        Raises:
+            ConfigError: for other sections, unknown keys or invalid values.
+        """
+        other = sorted(set(sections) - {"schedule", "sampling"})
+        if other:
+            raise ConfigError(f"{source}: only schedule and sampling can be replaced, not {other[0]!r}")
+        merged = self.config.to_dict()
+        for name, values in sections.items():
+            merged[name] = {**merged[name], **(values or {})}
+        self.config = PipelineConfig.from_dict(merged, source=source)
+        self.schedule = NoiseSchedule(self.config.schedule)
+
     @classmethod
     def from_config(cls, config: PipelineConfig) -> "Txt2ImgPipeline":
         """Build a pipeline with freshly initialised (random) weights."""

@@ -50,6 +50,7 @@ SAMPLER_DISCRETISATION = {
     "dpmpp_2m": "dpm",
 }
 DISCRETISATIONS = ("ddpm", "ddim", "k", "dpm")
+TERMINAL_ALPHA_BAR = 2.0**-24  # alpha_bar in place of an exact 0 (zero terminal SNR) for sigma = sqrt((1-abar)/abar)
 
 
 @dataclass
@@ -61,6 +62,9 @@ class ScheduleConfig:
     beta_end)), ``"cosine"`` (Nichol & Dhariwal 2021, eq. 17; beta_start/beta_end unused).
     ``timestep_spacing`` and ``steps_offset`` choose the inference timesteps exactly as diffusers
     does (SD 1.x/2.x ship ``"leading"`` with ``steps_offset=1``, CompVis's DDIM "uniform" spacing).
+    ``rescale_betas_zero_snr`` rescales the betas so that the last step is pure noise (zero terminal
+    SNR, Lin et al. 2024, Algorithm 1); it needs the ``"v"`` prediction, since an eps-prediction
+    carries no information about the image at zero SNR.
     """
 
     num_train_timesteps: int = 1000
@@ -70,6 +74,7 @@ class ScheduleConfig:
     prediction: str = "eps"
     timestep_spacing: str = "leading"
     steps_offset: int = 1
+    rescale_betas_zero_snr: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
@@ -77,6 +82,11 @@ class ScheduleConfig:
         _check_choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
         if self.num_train_timesteps < 2:
             raise ValueError(f"num_train_timesteps must be at least 2, got {self.num_train_timesteps}")
+        if not isinstance(self.rescale_betas_zero_snr, bool):
+            raise ValueError(f"rescale_betas_zero_snr must be true or false, got {self.rescale_betas_zero_snr!r}")
+        if self.rescale_betas_zero_snr and self.prediction != "v":
+            raise ValueError("rescale_betas_zero_snr needs prediction 'v' (at zero SNR the noise says nothing "
+                             "about the image)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -96,8 +106,6 @@ class ScheduleConfig:
         c = scheduler_config
         if c.get("trained_betas") is not None:
             raise ValueError("scheduler config with trained_betas is not supported")
-        if c.get("rescale_betas_zero_snr", False):
-            raise ValueError("scheduler config with rescale_betas_zero_snr=True is not supported")
         beta_name = c.get("beta_schedule", "linear")
         prediction_name = c.get("prediction_type", "epsilon")
         return cls(
@@ -108,6 +116,7 @@ class ScheduleConfig:
             prediction=_reverse_lookup(_DIFFUSERS_PREDICTION_NAMES, prediction_name, "prediction_type"),
             timestep_spacing=c.get("timestep_spacing", "leading"),
             steps_offset=int(c.get("steps_offset", 0)),
+            rescale_betas_zero_snr=bool(c.get("rescale_betas_zero_snr", False)),
         )
 
     def to_diffusers(self) -> dict[str, Any]:
@@ -124,6 +133,7 @@ class ScheduleConfig:
             "prediction_type": _DIFFUSERS_PREDICTION_NAMES[self.prediction],
             "timestep_spacing": self.timestep_spacing,
             "steps_offset": self.steps_offset,
+            "rescale_betas_zero_snr": self.rescale_betas_zero_snr,
             "clip_sample": False,
             "set_alpha_to_one": False,
         }
@@ -163,13 +173,26 @@ def _reverse_lookup(ours_to_theirs: dict[str, str], theirs: str, key: str) -> st
 
 
 def make_betas(config: ScheduleConfig) -> Tensor:
-    """Betas ``[T]`` in float64 for the config's beta schedule."""
+    """Betas ``[T]`` in float64 for the config's beta schedule (rescaled to zero terminal SNR if asked)."""
     n = config.num_train_timesteps
     if config.beta_schedule == "scaled_linear":
-        return torch.linspace(config.beta_start**0.5, config.beta_end**0.5, n, dtype=torch.float64) ** 2
-    if config.beta_schedule == "linear":
-        return torch.linspace(config.beta_start, config.beta_end, n, dtype=torch.float64)
-    return _cosine_betas(n)
+        betas = torch.linspace(config.beta_start**0.5, config.beta_end**0.5, n, dtype=torch.float64) ** 2
+    elif config.beta_schedule == "linear":
+        betas = torch.linspace(config.beta_start, config.beta_end, n, dtype=torch.float64)
+    else:
+        betas = _cosine_betas(n)
+    return rescale_to_zero_terminal_snr(betas) if config.rescale_betas_zero_snr else betas
+
+
+def rescale_to_zero_terminal_snr(betas: Tensor) -> Tensor:
+    """Lin et al. (2024), Algorithm 1: shift and scale sqrt(alpha_bar) so that it is 0 at the last step
+    and unchanged at the first, then recover the betas. float64 ``[T]`` -> ``[T]`` (last beta = 1)."""
+    sqrt_abar = torch.cumprod(1 - betas, dim=0).sqrt()
+    first, last = sqrt_abar[0].clone(), sqrt_abar[-1].clone()
+    sqrt_abar = (sqrt_abar - last) * first / (first - last)
+    abar = sqrt_abar**2
+    alphas = torch.cat([abar[:1], abar[1:] / abar[:-1]])
+    return 1 - alphas
 
 
 def _cosine_betas(n: int, offset: float = 0.008, max_beta: float = 0.999) -> Tensor:
@@ -206,7 +229,10 @@ class NoiseSchedule:
         self.config = config
         self.betas = make_betas(config)
         self.alphas_cumprod = torch.cumprod(1 - self.betas, dim=0)  # alpha_bar_t = prod_{s<=t} (1 - beta_s)
-        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
+        # Zero terminal SNR makes sigma(T-1) infinite; like diffusers' Euler and DPM-Solver schedulers,
+        # the sigma view uses alpha_bar = 2^-24 there (sigma ~ 4096). Training uses the exact zero.
+        abar_for_sigmas = self.alphas_cumprod.clamp(min=TERMINAL_ALPHA_BAR)
+        self.sigmas = ((1 - abar_for_sigmas) / abar_for_sigmas).sqrt()
         self.log_sigmas = self.sigmas.log()
 
     @property

@@ -2,8 +2,10 @@
 
 One YAML file (strictly checked, overridable with dotted ``key=value`` pairs) describes a run::
 
-    model:       {init: PATH}  (any model Txt2ImgPipeline.from_pretrained loads)
-                 or the pipeline sections {unet, text_encoder, schedule, sampling} for a fresh model
+    model:       {init: PATH}  (any model Txt2ImgPipeline.from_pretrained loads), optionally with
+                 {schedule, sampling} keys that replace the pretrained model's (e.g. fine-tune an eps
+                 model into a v-prediction one), or the pipeline sections {unet, text_encoder,
+                 schedule, sampling} for a fresh model
     vae:         folder written by scripts/train_autoencoder.py (fresh models only)
     data:        kind procedural | folder | hub, plus image options (see DataSettings)
     training:    optimisation options (see TrainSettings), ``lora: {rank, alpha, text_encoder}``
@@ -48,6 +50,7 @@ DATA_KINDS = ("procedural", "folder", "hub")
 PRECISIONS = ("no", "fp16", "bf16")
 OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _PIPELINE_SECTIONS = ("unet", "text_encoder", "schedule", "sampling")
+_INIT_OVERRIDABLE = ("schedule", "sampling")  # sections model.init may be combined with
 
 
 # --------------------------------------------------------------------------------------------
@@ -65,6 +68,7 @@ class DataSettings:
     source: str | None = None  # folder path or hub dataset id
     image_column: str = "image"
     caption_column: str = "text"
+    repeats_column: str | None = None  # per-image repeats per epoch (folder/hub data)
     split: str = "train"
     resolution: int | None = None  # default: the model's sampling height
     crop: str = "center"  # center | random
@@ -197,13 +201,17 @@ def parse_run_config(data: dict, *, source: str = "config") -> RunConfig:
     model = dict(data.get("model") or {})
     _reject_unknown(model, ("init", *_PIPELINE_SECTIONS), source, "model.")
     init = model.pop("init", None)
-    if init is not None and model:
-        raise ConfigError(f"{source}: model.init and model.{sorted(model)[0]} exclude each other "
+    architecture = sorted(set(model) - set(_INIT_OVERRIDABLE))
+    if init is not None and architecture:
+        raise ConfigError(f"{source}: model.init and model.{architecture[0]} exclude each other "
                           "(a pretrained model brings its own architecture)")
     if init is None and not model:
         raise ConfigError(f"{source}: model needs init (a pretrained model) or unet/text_encoder sections")
     if init is None:
         PipelineConfig.from_dict(model, source=f"{source}: model")  # strict check now, not after loading data
+    for name, values in model.items() if init is not None else ():  # values merge into the init model's
+        known = [f.name for f in dataclasses.fields(type(getattr(PipelineConfig(), name)))]
+        _reject_unknown(values or {}, known, source, f"model.{name}.")
     training_dict = dict(data.get("training") or {})
     lora = training_dict.pop("lora", None)
     settings = _build(TrainSettings, training_dict, source, "training")
@@ -291,6 +299,8 @@ def build_pipeline(config: RunConfig):
         pipe = Txt2ImgPipeline.from_pretrained(config.model_init)
         if config.vae is not None:
             pipe.vae = load_vae_folder(config.vae)
+        if config.model_sections:
+            pipe.replace_config_sections(config.model_sections, source=f"{config.source}: model")
         return pipe
     vae = load_vae_folder(config.vae)
     pipeline_config = PipelineConfig.from_dict({**config.model_sections, "vae": vae.config.to_dict()},
@@ -484,16 +494,19 @@ def build_image_data(config: RunConfig, pipe, run_dir: Path, device, *, rank: in
 
     d = config.data
     rows = load_image_caption_dataset(d.source, image_column=d.image_column, caption_column=d.caption_column,
-                                      split=d.split)
+                                      split=d.split, repeats_column=d.repeats_column)
     resolution = d.resolution or pipe.config.sampling.height
     step = d.bucket_step or pipe.config.vae.downsample_factor * 2 ** (len(pipe.config.unet.channel_mult) - 1)
     dataset = ImageCaptionDataset(rows, resolution=resolution, crop=d.crop, random_flip=d.random_flip,
                                   bucketing=d.bucketing, bucket_step=step, max_aspect=d.max_aspect, seed=d.seed)
     for example in dataset.report.examples:
         logger.info("  skipped/converted: %s", example)
+    repeats = dataset.repeats
+    if d.repeats_column is not None:
+        logger.info("repeats: %d images give %d samples per epoch", len(repeats), sum(repeats))
     if d.cache_latents:
         dataset = cache_latents(pipe.vae, dataset, run_dir / "latent-cache.safetensors", device=device)
-    sampler = BucketBatchSampler(dataset.bucket_ids, config.training.batch_size, seed=d.seed)
+    sampler = BucketBatchSampler(dataset.bucket_ids, config.training.batch_size, seed=d.seed, repeats=repeats)
     return ImageBatches(dataset, sampler, num_workers=d.num_workers, rank=rank, world=world), getattr(
         dataset, "report", None)
 
@@ -666,6 +679,9 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: str = "auto", expor
         accelerator.init_trackers("train")
 
     schedule = pipe.schedule
+    if schedule.config.rescale_betas_zero_snr and t.min_snr_gamma is not None:
+        logger.warning("Min-SNR-gamma gives the zero-SNR timestep (t = %d) weight 0, so the model never learns "
+                       "it; set training.min_snr_gamma: null", schedule.num_train_timesteps - 1)
     result = TrainResult(step)
     started, session_start, session_first = time.perf_counter() - elapsed, time.perf_counter(), step
     last_log, running = time.perf_counter(), None

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from ldm.errors import ConfigError
 from tests.conftest import tiny_pipeline, tiny_pipeline_config
 
 PROMPT = "a red bicycle on a blue background"
@@ -94,6 +95,22 @@ def test_v_prediction_matches_diffusers(tmp_path):
     ours = pipe(PROMPT, NEGATIVE, sampler="euler", steps=4, guidance_scale=5.0, seed=8, output_type="pt")
     theirs = diffusers_images(tmp_path / "v", "euler", seed=8)
     assert (ours - theirs).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "euler_ancestral", "ddim"])
+def test_zero_terminal_snr_model_matches_diffusers(tmp_path, sampler):
+    pipe = tiny_pipeline(seed=4, prediction="v")
+    pipe.replace_config_sections({"schedule": {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing",
+                                               "steps_offset": 0}})
+    pipe.save_pretrained(tmp_path / "zsnr", format="diffusers")
+    config = json.loads((tmp_path / "zsnr" / "scheduler" / "scheduler_config.json").read_text())
+    assert config["rescale_betas_zero_snr"] is True and config["timestep_spacing"] == "trailing"
+    ours = pipe(PROMPT, NEGATIVE, sampler=sampler, steps=4, guidance_scale=5.0, seed=8, output_type="pt")
+    theirs = diffusers_images(tmp_path / "zsnr", sampler, seed=8)
+    assert (ours - theirs).abs().max().item() < (1e-3 if sampler == "ddim" else 1e-4)  # see test_samplers
+    pipe.replace_config_sections({"sampling": {"sampler": "heun"}})
+    with pytest.raises(ConfigError, match="no zero-terminal-SNR option"):
+        pipe.save_pretrained(tmp_path / "heun", format="diffusers")
 
 
 def test_openclip_text_encoder_pipeline_matches_diffusers(tmp_path):

@@ -94,8 +94,9 @@ def _run_ours(name, config, karras, network, noise, context, steps, generator, e
     return final_latents(x, sigmas, sampler=name)
 
 
-def _compare_with_diffusers(name, prediction="eps", spacing="leading", karras=False, steps=10, eta=0.0, per_row=False):
-    config = ScheduleConfig(prediction=prediction, timestep_spacing=spacing)
+def _compare_with_diffusers(name, prediction="eps", spacing="leading", karras=False, steps=10, eta=0.0, per_row=False,
+                            zero_snr=False):
+    config = ScheduleConfig(prediction=prediction, timestep_spacing=spacing, rescale_betas_zero_snr=zero_snr)
     network = ToyNetwork(prediction)
     batch = 2
     context = torch.randn(batch, 5, CONTEXT_DIM, generator=torch.Generator().manual_seed(2))
@@ -137,6 +138,15 @@ def test_sampler_matches_diffusers_trailing(name, prediction):
     assert _compare_with_diffusers(name, prediction, "trailing", steps=10) < TOL
 
 
+@pytest.mark.parametrize("name", [name for name in SAMPLERS if name != "heun"])  # diffusers' Heun: no zero SNR
+def test_sampler_matches_diffusers_with_zero_terminal_snr(name):
+    # diffusers' Euler/DPM schedulers replace alpha_bar = 0 by 2^-24 at t = 999 (sigma = 4096), as we
+    # do for every sampler. Its DDPM/DDIM keep the exact 0; a first step from sigma = 4096 instead of
+    # infinity differs by about (sigma_next / 4096)^2 ~ 1e-4 relative, hence the looser tolerance.
+    tolerance = 1e-3 if name in ("ddpm", "ddim") else TOL
+    assert _compare_with_diffusers(name, "v", "trailing", steps=10, zero_snr=True) < tolerance
+
+
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_ddim_with_eta_matches_diffusers(prediction):
     assert _compare_with_diffusers("ddim", prediction, "leading", steps=10, eta=1.0) < TOL
@@ -158,6 +168,25 @@ def test_alphas_cumprod_match_diffusers(beta_schedule):
     theirs = diffusers.DDPMScheduler.from_config(config.to_diffusers())
     assert ours.betas.dtype == torch.float64
     assert (ours.alphas_cumprod - theirs.alphas_cumprod.double()).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("beta_schedule", BETA_SCHEDULES)
+def test_zero_terminal_snr_rescaling_matches_diffusers_and_lin_et_al(beta_schedule):
+    plain = NoiseSchedule(ScheduleConfig(beta_schedule=beta_schedule, prediction="v"))
+    config = ScheduleConfig(beta_schedule=beta_schedule, prediction="v", rescale_betas_zero_snr=True)
+    ours = NoiseSchedule(config)
+    theirs = diffusers.DDPMScheduler.from_config(config.to_diffusers())
+    assert (ours.alphas_cumprod - theirs.alphas_cumprod.double()).abs().max() < 1e-6
+    # Lin et al. 2024, Algorithm 1: sqrt(alpha_bar) is 0 at the last step and unchanged at the first
+    assert ours.alphas_cumprod[-1] == 0
+    assert torch.isclose(ours.alphas_cumprod[0], plain.alphas_cumprod[0], rtol=1e-12)
+    assert (ours.alphas_cumprod.diff() < 0).all()
+    assert ours.sigmas[-1] == pytest.approx((1 - 2**-24) ** 0.5 * 2**12)  # diffusers' stand-in for infinity
+
+
+def test_zero_terminal_snr_needs_v_prediction():
+    with pytest.raises(ValueError, match="needs prediction 'v'"):
+        ScheduleConfig(rescale_betas_zero_snr=True)
 
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
@@ -246,6 +275,9 @@ def test_schedule_config_diffusers_names():
     assert cosine.to_diffusers()["beta_schedule"] == "squaredcos_cap_v2"
     assert cosine.to_diffusers()["prediction_type"] == "v_prediction"
     assert ScheduleConfig.from_diffusers(cosine.to_diffusers()) == cosine
+    zero_snr = ScheduleConfig(prediction="v", timestep_spacing="trailing", steps_offset=0, rescale_betas_zero_snr=True)
+    assert zero_snr.to_diffusers()["rescale_betas_zero_snr"] is True
+    assert ScheduleConfig.from_diffusers(zero_snr.to_diffusers()) == zero_snr
     with pytest.raises(ValueError):
         ScheduleConfig.from_diffusers({**sd15, "prediction_type": "sample"})
 

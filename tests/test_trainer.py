@@ -102,7 +102,8 @@ def test_script_reports_a_config_mistake_in_one_line(workspace, capsys):
 
 
 def test_the_shipped_configs_parse():
-    for name in ("default-model", "finetune-example", "lora-example"):
+    for name in ("default-model", "default-model-vpred", "finetune-example", "lora-example", "moon-finetune",
+                 "moon-lora"):
         read_run_config(ROOT / "configs" / f"{name}.yaml")
     assert read_run_config(ROOT / "configs" / "lora-example.yaml").training.lora.rank == 8
 
@@ -118,6 +119,23 @@ def test_data_mistakes_stop_before_training(workspace):
     with pytest.raises(ConfigError, match="caption column 'caption'"):
         train(column, workspace / "column", progress=False)
     assert not training.list_checkpoints(workspace / "hub") and not training.list_checkpoints(workspace / "column")
+
+
+def test_fine_tune_into_a_zero_terminal_snr_v_model(workspace):
+    schedule = {"prediction": "v", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+    path = write_config(workspace, "vpred", model={"schedule": schedule},
+                        training={"steps": 2, "checkpoint_every": 2, "min_snr_gamma": None})
+    train(read_run_config(path), workspace / "vpred", progress=False)
+    from ldm.pipeline import Txt2ImgPipeline
+
+    tuned = Txt2ImgPipeline.from_pretrained(workspace / "vpred" / "model")
+    assert tuned.config.schedule.prediction == "v" and tuned.config.schedule.rescale_betas_zero_snr
+    assert tuned.config.schedule.steps_offset == Txt2ImgPipeline.from_pretrained(workspace / "base").config.schedule.steps_offset
+    assert tuned(["a white square on red"], steps=3, seed=0)[0].size == (32, 32)
+    with pytest.raises(ConfigError, match="needs prediction 'v'"):
+        train(read_run_config(path, ["model.schedule.prediction=eps"]), workspace / "eps", progress=False)
+    with pytest.raises(ConfigError, match="'model.schedule.predicton'"):
+        read_run_config(path, ["model.schedule.predicton=v"])
 
 
 def mean_loss(model_dir: Path, workspace: Path) -> float:
