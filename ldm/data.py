@@ -69,8 +69,10 @@ def load_image_caption_dataset(
     caption_column: str = "text",
     split: str = "train",
     cache_dir: str | Path | None = None,
+    repeats_column: str | None = None,
 ):
-    """Open an image/caption dataset as a ``datasets.Dataset`` with columns ``image`` and ``text``.
+    """Open an image/caption dataset as a ``datasets.Dataset`` with columns ``image`` and ``text``
+    (and ``repeats`` when ``repeats_column`` is given).
 
     Images are *not* decoded here: the ``image`` column holds ``{"path", "bytes"}`` records
     (``datasets.Image(decode=False)``) that :class:`ImageCaptionDataset` decodes robustly.
@@ -82,6 +84,8 @@ def load_image_caption_dataset(
             They do not apply to ``.txt`` folders.
         split: the split to read.
         cache_dir: where ``datasets`` keeps its Arrow cache (default: its own).
+        repeats_column: a column of whole numbers: how often each image appears per epoch (kohya's
+            ``num_repeats``; e.g. a few instance images repeated to balance many prior images).
     Raises:
         ConfigError: the source does not exist or holds no captions, a hub id while offline or
             unreachable, or a missing image/caption column (the message lists the columns).
@@ -90,6 +94,9 @@ def load_image_caption_dataset(
     if path.is_dir():
         if _has_metadata(path):
             dataset = _load_imagefolder(path, split, cache_dir)
+        elif repeats_column is not None:
+            raise ConfigError(f"{path} has .txt captions, which have no {repeats_column!r} column; "
+                              "use metadata.jsonl for per-image repeats")
         else:
             return _load_txt_caption_folder(path)
     elif path.exists():
@@ -98,7 +105,7 @@ def load_image_caption_dataset(
         dataset = _load_hub_dataset(str(source), split, cache_dir)
     else:
         raise ConfigError(f"dataset folder not found: {path}")
-    return _select_columns(dataset, image_column, caption_column, str(source))
+    return _select_columns(dataset, image_column, caption_column, str(source), repeats_column)
 
 
 def _has_metadata(folder: Path) -> bool:
@@ -156,20 +163,22 @@ def _offline() -> bool:
     return any(os.environ.get(name, "").strip().lower() in truthy for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
-def _select_columns(dataset, image_column: str, caption_column: str, source: str):
-    """Keep the image and caption columns as ``image`` (undecoded) and ``text``."""
+def _select_columns(dataset, image_column: str, caption_column: str, source: str, repeats_column: str | None = None):
+    """Keep the image, caption (and repeats) columns as ``image`` (undecoded), ``text`` (and ``repeats``)."""
     import datasets
 
     columns = list(dataset.column_names)
-    for role, column in (("image", image_column), ("caption", caption_column)):
+    roles = {"image": image_column, "text": caption_column}
+    if repeats_column is not None:
+        roles["repeats"] = repeats_column
+    for role, column in roles.items():
         if column not in columns:
-            raise ConfigError(
-                f"{role} column {column!r} not in dataset {source} (columns: {', '.join(columns) or 'none'})"
-            )
-    dataset = dataset.select_columns([image_column, caption_column])
-    if image_column != "image" or caption_column != "text":
-        dataset = dataset.rename_columns({image_column: "__image", caption_column: "__text"})
-        dataset = dataset.rename_columns({"__image": "image", "__text": "text"})
+            raise ConfigError(f"{'caption' if role == 'text' else role} column {column!r} not in dataset "
+                              f"{source} (columns: {', '.join(columns) or 'none'})")
+    dataset = dataset.select_columns(list(roles.values()))
+    if any(column != role for role, column in roles.items()):
+        dataset = dataset.rename_columns({column: f"__{role}" for role, column in roles.items()})
+        dataset = dataset.rename_columns({f"__{role}": role for role in roles})
     if isinstance(dataset.features["image"], datasets.Image):
         dataset = dataset.cast_column("image", datasets.Image(decode=False))
     return dataset
@@ -333,7 +342,8 @@ def nearest_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) 
 class BucketBatchSampler:
     """Batches of same-bucket samples; deterministic for a seed and resumable.
 
-    Each epoch, the indices of every bucket are shuffled (``shuffle=True``) and cut into batches
+    Each epoch holds index ``i`` ``repeats[i]`` times (default once). The indices of every bucket
+    are shuffled (``shuffle=True``) and cut into batches
     of ``batch_size`` (a bucket's last batch may be smaller unless ``drop_last``); then the order
     of all batches is shuffled. Epoch ``e`` is a pure function of ``(seed, e)``.
 
@@ -347,9 +357,12 @@ class BucketBatchSampler:
     """
 
     def __init__(self, bucket_ids: Sequence[int], batch_size: int, *, seed: int = 0, shuffle: bool = True,
-                 drop_last: bool = False) -> None:
+                 drop_last: bool = False, repeats: Sequence[int] | None = None) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        repeats = [1] * len(bucket_ids) if repeats is None else [int(r) for r in repeats]
+        if len(repeats) != len(bucket_ids) or min(repeats, default=1) < 1:
+            raise ConfigError("repeats must give a whole number >= 1 for every sample")
         self.bucket_ids = [int(b) for b in bucket_ids]
         self.batch_size = batch_size
         self.seed = seed
@@ -358,8 +371,8 @@ class BucketBatchSampler:
         self.epoch = 0
         self.batch_index = 0
         self._members: dict[int, list[int]] = {}
-        for index, bucket in enumerate(self.bucket_ids):
-            self._members.setdefault(bucket, []).append(index)
+        for index, (bucket, count) in enumerate(zip(self.bucket_ids, repeats)):
+            self._members.setdefault(bucket, []).extend([index] * count)
         if self.batches_per_epoch == 0:
             raise ConfigError(f"no full batch of {batch_size}: every bucket holds fewer samples (drop_last=True)")
 
@@ -468,6 +481,7 @@ class _Record:
     height: int
     caption: str
     label: str  # file path or "row N", for messages
+    repeats: int = 1  # appearances per epoch
 
 
 class ImageCaptionDataset(torch.utils.data.Dataset):
@@ -522,6 +536,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         self.records = self._scan()
         self.bucket_ids = [nearest_bucket(r.width, r.height, self.bucket_sizes) if bucketing else 0
                            for r in self.records]
+        self.repeats = [r.repeats for r in self.records]  # for BucketBatchSampler(repeats=...)
         self._bucket_members: dict[int, list[int]] = {}
         for index, bucket in enumerate(self.bucket_ids):
             self._bucket_members.setdefault(bucket, []).append(index)
@@ -543,7 +558,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             caption = normalize_caption(row.get("text"))
             if caption is None:
                 self.report.missing_captions += 1
-            records.append(dataclasses.replace(record, caption=caption or ""))
+            repeats = _repeat_count(row.get("repeats", 1), label)
+            records.append(dataclasses.replace(record, caption=caption or "", repeats=repeats))
         self.report.used = len(records)
         return records
 
@@ -627,6 +643,17 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             digest.update(json.dumps([record.label, record.width, record.height, record.caption, bucket]).encode())
             digest.update(_content_identity(self.rows[record.row]["image"]).encode())
         return digest.hexdigest()
+
+
+def _repeat_count(value: Any, label: str) -> int:
+    """A row's ``repeats`` value as a positive int (missing -> 1); anything else is a config error."""
+    if value is None:
+        return 1
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{label}: repeats must be a whole number >= 1, got {value!r}")
+    return value
 
 
 def _decode_error_reason(error: BaseException) -> str:

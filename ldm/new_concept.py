@@ -87,13 +87,16 @@ def moon_samples(n: int, seed: int, image_size: int = 64) -> list[MoonSample]:
 
 
 def export_moon_folder(directory: str | Path, n: int, seed: int = 0, image_size: int = 64, *,
-                       prior: int = 0, prior_seed: int = 7) -> Path:
-    """Write ``n`` moons as PNGs plus ``metadata.jsonl`` (``file_name``, ``text``, ``colour``), the
-    ``imagefolder`` layout ``scripts/train.py`` reads. Refuses a folder that already has metadata.
+                       prior: int = 0, prior_seed: int = 7, repeats: int = 1) -> Path:
+    """Write ``n`` moons as PNGs plus ``metadata.jsonl`` (``file_name``, ``text``, ``colour``,
+    ``repeats``), the ``imagefolder`` layout ``scripts/train.py`` reads. Refuses a folder that already
+    has metadata.
 
     ``prior > 0`` adds that many images of the known kinds (procedural training-split images with
     their captions, seed ``prior_seed``): "prior preservation" (Ruiz et al. 2023, DreamBooth), which
-    keeps a fine-tune from forgetting the old concepts while it learns the new one.
+    keeps a fine-tune from forgetting the old concepts while it learns the new one. ``repeats`` is
+    written for each moon (1 for the prior images); with ``data.repeats_column: repeats`` the trainer
+    shows every moon that many times per epoch, e.g. n * repeats = prior for DreamBooth's 1:1 mix.
     """
     directory = Path(directory)
     if (directory / "metadata.jsonl").exists():
@@ -102,12 +105,14 @@ def export_moon_folder(directory: str | Path, n: int, seed: int = 0, image_size:
     rows = []
     for i, sample in enumerate(moon_samples(n, seed, image_size)):
         sample.image.save(directory / f"moon-{i:04d}.png")
-        rows.append({"file_name": f"moon-{i:04d}.png", "text": sample.caption, "colour": sample.colour})
+        rows.append({"file_name": f"moon-{i:04d}.png", "text": sample.caption, "colour": sample.colour,
+                     "repeats": repeats})
     for i, sample in enumerate(ProceduralDataset(prior_seed, "train", image_size).take(prior)):
         sample.image.save(directory / f"prior-{i:04d}.png")
-        rows.append({"file_name": f"prior-{i:04d}.png", "text": sample.caption, "colour": sample.colour})
+        rows.append({"file_name": f"prior-{i:04d}.png", "text": sample.caption, "colour": sample.colour,
+                     "repeats": 1})
     (directory / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    logger.info("wrote %d moons (seed %d) and %d prior images to %s", n, seed, prior, directory)
+    logger.info("wrote %d moons (seed %d, repeats %d) and %d prior images to %s", n, seed, repeats, prior, directory)
     return directory
 
 

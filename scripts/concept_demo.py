@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Fine-tuning demonstration: teach the default model a concept it has never seen (crescent moons).
 
-    python scripts/concept_demo.py data --out data/moons --n 80 --prior 800   # the custom dataset
+    python scripts/concept_demo.py data --out data/moons --n 80 --prior 800 --repeats 10  # the custom dataset
     python scripts/train.py --config configs/moon-finetune.yaml             # full fine-tune
     python scripts/train.py --config configs/moon-lora.yaml                 # LoRA
     python scripts/concept_demo.py measure --out runs/moon-demo \\
@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     data.add_argument("--seed", type=int, default=0)
     data.add_argument("--prior", type=int, default=0,
                       help="also write this many images of the known kinds (prior preservation; default 0)")
+    data.add_argument("--repeats", type=int, default=1,
+                      help="the moons' repeats column: appearances per epoch (default 1)")
     run = commands.add_parser("measure", help="measure models on moon prompts and on the old concepts")
     run.add_argument("models", nargs="+", help="NAME=MODEL_FOLDER[+LORA_FILE]")
     run.add_argument("--out", type=Path, default=Path("runs/moon-demo"))
@@ -144,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "data":
             from ldm.new_concept import export_moon_folder
 
-            export_moon_folder(args.out, args.n, args.seed, prior=args.prior)
+            if args.repeats < 1:
+                raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+            export_moon_folder(args.out, args.n, args.seed, prior=args.prior, repeats=args.repeats)
         else:
             measure(args)
     except (LdmError, FileNotFoundError, FileExistsError, ValueError) as error:

@@ -275,6 +275,42 @@ def test_batch_sampler_is_deterministic_covers_every_index_and_resumes():
     assert full.batches_per_epoch == 2 + 2 + 2 and all(len(b) == 3 for b in full)
 
 
+def test_repeats_column_shows_each_image_that_often_per_epoch(tmp_path):
+    folder = tmp_path / "repeats"
+    folder.mkdir()
+    rows = [("moon.png", "a moon", 4), ("a.png", "a tree", 1), ("b.png", "a car", None)]
+    for name, _, _ in rows:
+        Image.new("RGB", (32, 32), (200, 200, 0)).save(folder / name)
+    import json
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f, "text": t, "n": r}) + "\n"
+                                                   for f, t, r in rows), encoding="utf-8")
+    source = data.load_image_caption_dataset(folder, repeats_column="n", cache_dir=tmp_path / "cache")
+    dataset = data.ImageCaptionDataset(source, resolution=32)
+    assert sorted(zip([r.caption for r in dataset.records], dataset.repeats)) == [("a car", 1), ("a moon", 4),
+                                                                                   ("a tree", 1)]
+    sampler = data.BucketBatchSampler(dataset.bucket_ids, batch_size=2, seed=0, repeats=dataset.repeats)
+    moon = [r.caption for r in dataset.records].index("a moon")
+    for epoch in range(3):
+        indices = [i for batch in sampler for i, _ in batch]
+        assert len(indices) == 6 and indices.count(moon) == 4
+    with pytest.raises(ConfigError, match="repeats column 'count'"):
+        data.load_image_caption_dataset(folder, repeats_column="count", cache_dir=tmp_path / "cache")
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "x", "n": 0}) + "\n",
+                                           encoding="utf-8")
+    source = data.load_image_caption_dataset(folder, repeats_column="n", cache_dir=tmp_path / "cache2")
+    with pytest.raises(ConfigError, match="repeats must be a whole number >= 1, got 0"):
+        data.ImageCaptionDataset(source, resolution=32)
+
+
+def test_repeats_need_a_metadata_file(tmp_path):
+    folder = tmp_path / "txt"
+    folder.mkdir()
+    Image.new("RGB", (32, 32)).save(folder / "x.png")
+    (folder / "x.txt").write_text("a caption", encoding="utf-8")
+    with pytest.raises(ConfigError, match="no 'repeats' column"):
+        data.load_image_caption_dataset(folder, repeats_column="repeats")
+
+
 # --------------------------------------------------------------------------------------------
 # latent caching
 # --------------------------------------------------------------------------------------------
