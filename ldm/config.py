@@ -20,6 +20,7 @@ from autoencoder.model import AutoencoderConfig
 from ldm.dataclass_io import strict_from_dict
 from ldm.errors import ConfigError
 from ldm.schedule import ScheduleConfig
+from ldm.signal_leak import SignalLeak
 from ldm.text_encoders import TextEncoderConfig
 from ldm.unet import UNetConfig
 
@@ -35,6 +36,13 @@ class SamplingDefaults:
     sampler: str = "dpmpp_2m"
     karras: bool = False
     eta: float = 0.0
+    # Statistics of the training latents for signal-leak sampling (ldm.signal_leak.SignalLeak as a
+    # dict: mean, covariance, count); None: start from pure noise, as diffusers does.
+    signal_leak: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.signal_leak is not None:
+            self.signal_leak = SignalLeak.from_dict(self.signal_leak).to_dict()  # validated, plain floats
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

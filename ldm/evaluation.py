@@ -260,7 +260,8 @@ def generate_images(pipe, prompts: Sequence[EvalPrompt], options, *, batch_size:
         images.extend(pipe(
             [p.prompt for p in chunk], steps=options.steps, guidance_scale=options.guidance_scale,
             sampler=options.sampler, seed=chunk[0].seed, height=options.height, width=options.width,
-            eta=options.eta, karras=options.karras, batch_invariant=batch_size == 1,
+            eta=options.eta, karras=options.karras, signal_leak=options.signal_leak is not None,
+            batch_invariant=batch_size == 1,
         ))
         logger.info("generated %d/%d images", len(images), len(prompts))
     return images
@@ -284,11 +285,12 @@ class EvaluationSettings:
     height: int | None = None
     width: int | None = None
     batch_size: int = 16
+    signal_leak: bool | None = None  # None: the model's setting
 
     def sampling_options(self, pipe):
         """The pipeline's :class:`SamplingDefaults` with these overrides, validated."""
         return pipe.sampling_options(steps=self.steps, guidance_scale=self.guidance_scale, sampler=self.sampler,
-                                     height=self.height, width=self.width)
+                                     height=self.height, width=self.width, signal_leak=self.signal_leak)
 
 
 @dataclass
@@ -345,7 +347,8 @@ def evaluate(pipe, judge, settings: EvaluationSettings | None = None, *, model: 
     seconds["judge"] = time.perf_counter() - started
 
     settings_dict = {**asdict(settings), **{k: getattr(options, k) for k in
-                                            ("steps", "guidance_scale", "sampler", "height", "width", "eta", "karras")}}
+                                            ("steps", "guidance_scale", "sampler", "height", "width", "eta", "karras")},
+                     "signal_leak": options.signal_leak is not None}
     samples = [{**asdict(p), "judge_object": r["object"], "judge_colour": r["colour"],
                 "object_prob": round(r["object_prob"], 4), "colour_prob": round(r["colour_prob"], 4)}
                for p, r in zip(prompts, readings["generated"])]
@@ -389,8 +392,8 @@ def markdown_report(result: EvaluationResult) -> str:
     lines = [
         f"Model: `{result.model or '?'}`; {s['n']} prompts never seen in training "
         f"({result.accuracy['generated']['held_out']['n']} on held-out pairs), seeds {s['seed']}.., "
-        f"{s['height']}x{s['width']}, {s['sampler']}, {s['steps']} steps, guidance {s['guidance_scale']:g}; "
-        f"{result.seconds_per_image:.2f} s per image (batch {s['batch_size']}).",
+        f"{s['height']}x{s['width']}, {s['sampler']}, {s['steps']} steps, guidance {s['guidance_scale']:g}, "
+        f"signal leak {'on' if s.get('signal_leak') else 'off'}; {result.seconds_per_image:.2f} s per image (batch {s['batch_size']}).",
         "",
         "| images | pairs | n | object | colour | both |",
         "| --- | --- | ---: | ---: | ---: | ---: |",

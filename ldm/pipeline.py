@@ -30,6 +30,7 @@ from ldm.denoiser import DiscreteDenoiser, cfg_denoiser
 from ldm.errors import CheckpointError, ConfigError
 from ldm.samplers import SAMPLERS, final_latents, initial_latents
 from ldm.schedule import NoiseSchedule
+from ldm.signal_leak import SignalLeak
 from ldm.text_encoders import build_text_encoder
 from ldm.unet import UNetModel
 
@@ -236,6 +237,7 @@ class Txt2ImgPipeline:
         num_images: int = 1,
         eta: float | None = None,
         karras: bool | None = None,
+        signal_leak: bool | None = None,
         progress: ProgressFn | None = None,
         output_type: str = "pil",
         batch_invariant: bool = True,
@@ -250,6 +252,10 @@ class Txt2ImgPipeline:
             seed: image ``i`` uses initial noise from ``torch.Generator("cpu").manual_seed(seed + i)``,
                 exactly as diffusers does with that generator, so image ``i`` of a batch is the
                 image generated alone with seed ``seed + i``.
+            signal_leak: start from noise plus a leak drawn from the training latents' statistics
+                (:mod:`ldm.signal_leak`; the same generator, after the noise). ``None``: when the
+                model has them. diffusers has no such option: :meth:`diffusers_latents` gives the
+                ``latents=`` that make its StableDiffusionPipeline draw the same image.
             progress: optional ``progress(done, total)`` called after each step (``total`` counts
                 the steps of all images).
             batch_invariant: sample images one at a time so that results never depend on the batch
@@ -258,7 +264,7 @@ class Txt2ImgPipeline:
             output_type: ``"pil"`` (list of images) or ``"pt"`` (tensor ``[B, 3, H, W]`` in [0, 1]).
         """
         options = self.sampling_options(steps=steps, guidance_scale=guidance_scale, sampler=sampler,
-                                        height=height, width=width, eta=eta, karras=karras)
+                                        height=height, width=width, eta=eta, karras=karras, signal_leak=signal_leak)
         prompts, negatives = _expand_prompts(prompt, negative_prompt, num_images)
         seeds = [seed + i for i in range(len(prompts))]
         total_steps = options.steps * len(prompts)
@@ -287,9 +293,7 @@ class Txt2ImgPipeline:
 
         sigmas = self.schedule.sampling_sigmas(options.steps, sampler=options.sampler, karras=options.karras)
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        noise = self._initial_noise(generators, options.height, options.width)
-        x = initial_latents(noise, sigmas, sampler=options.sampler,
-                            timestep_spacing=self.config.schedule.timestep_spacing)
+        x = self._starting_point(generators, sigmas, options)
 
         callback = (lambda i, *_: progress(i + 1)) if progress else None
         sampler_options = {"eta": options.eta} if "eta" in spec.options else {}
@@ -303,6 +307,29 @@ class Txt2ImgPipeline:
         """The U-Net in its own dtype, with float32 in and out for the sampler's arithmetic."""
         return self.unet(x.to(self.dtype), t, context.to(self.dtype)).float()
 
+    def _starting_point(self, generators: list[torch.Generator], sigmas: torch.Tensor, options) -> torch.Tensor:
+        """``x [B, C, h, w]`` at ``sigmas[0]`` on the sigma scale: scaled noise, plus the signal leak if any."""
+        noise = self._initial_noise(generators, options.height, options.width)
+        x = initial_latents(noise, sigmas, sampler=options.sampler, timestep_spacing=self.config.schedule.timestep_spacing)
+        if options.signal_leak is not None:
+            x = x + SignalLeak.from_dict(options.signal_leak).sample(generators).to(x.device)[:, :, None, None]
+        return x
+
+    @torch.no_grad()
+    def diffusers_latents(self, seed: int = 0, num_images: int = 1, **options) -> torch.Tensor:
+        """The ``latents`` argument that makes diffusers' StableDiffusionPipeline start where we do.
+
+        diffusers multiplies given latents by its scheduler's ``init_noise_sigma``; this returns our
+        starting point (signal leak included) divided by that same factor, ``[num_images, C, h, w]``.
+        ``options`` are :meth:`sampling_options` keywords (``sampler``, ``steps``, ``height``, ...).
+        """
+        options = self.sampling_options(**options)
+        sigmas = self.schedule.sampling_sigmas(options.steps, sampler=options.sampler, karras=options.karras)
+        generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(num_images)]
+        scale = initial_latents(torch.ones(()), sigmas, sampler=options.sampler,
+                                timestep_spacing=self.config.schedule.timestep_spacing)
+        return self._starting_point(generators, sigmas, options) / scale
+
     def _initial_noise(self, generators: list[torch.Generator], height: int, width: int) -> torch.Tensor:
         """Unit Gaussian noise ``[B, C, H/f, W/f]``, row ``i`` drawn from ``generators[i]`` on the CPU."""
         f = self.vae.downsample_factor
@@ -310,13 +337,21 @@ class Txt2ImgPipeline:
         rows = [torch.randn((1, *shape), generator=g, dtype=torch.float32) for g in generators]
         return torch.cat(rows).to(self.device)
 
-    def sampling_options(self, **overrides) -> SamplingDefaults:
+    def sampling_options(self, *, signal_leak: bool | None = None, **overrides) -> SamplingDefaults:
         """The model's ``config.sampling`` with the given non-``None`` overrides, validated.
+
+        ``signal_leak=False`` drops the model's signal-leak statistics (start from pure noise);
+        ``True`` requires them; ``None`` keeps the model's setting.
 
         Raises:
             ConfigError: for options no sampler can use (see :func:`validate_sampling_options`).
         """
         options = replace(self.config.sampling, **{k: v for k, v in overrides.items() if v is not None})
+        if signal_leak is False:
+            options = replace(options, signal_leak=None)
+        elif signal_leak and options.signal_leak is None:
+            raise ConfigError("this model has no signal-leak statistics (sampling.signal_leak in its config.yaml; "
+                              "scripts/fit_signal_leak.py writes them)")
         validate_sampling_options(options, self.vae.downsample_factor)
         return options
 

@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", type=int, help="image side in pixels (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=16,
                         help="images sampled at once; 1 reproduces txt2img.py bit for bit (default 16)")
+    parser.add_argument("--no-signal-leak", dest="signal_leak", action="store_false", default=None,
+                        help="start from pure noise even when the model has signal-leak statistics")
     parser.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda, ...")
     parser.add_argument("--out", type=Path, default=Path("outputs/evaluation"), help="output folder")
     parser.add_argument("--grid", type=Path, help="sample grid PNG (default: <out>/samples.png)")
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = EvaluationSettings(
         n=args.n, heldout_per_pair=args.heldout_per_pair, seed=args.seed, steps=args.steps,
         guidance_scale=args.guidance, sampler=args.sampler, height=args.size, width=args.size,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size, signal_leak=args.signal_leak,
     )
     result = evaluate(pipe, judge, settings, model=str(args.model or DEFAULT_MODEL_DIR))
     result.seconds["total"] = time.perf_counter() - started

@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float16 on GPU, float32 on CPU")
     parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                         help="apply a LoRA file with strength SCALE (default 1); repeatable, effects add up")
+    parser.add_argument("--no-signal-leak", dest="signal_leak", action="store_false", default=None,
+                        help="start from pure noise even when the model has signal-leak statistics")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or info logs")
     return parser
 
@@ -171,11 +173,14 @@ def generate(args: argparse.Namespace, prompts: list[str]) -> int:
         for path, scale in args.lora:
             load_lora(pipe, path, scale)
     options = pipe.sampling_options(steps=args.steps, guidance_scale=args.scale, sampler=args.sampler,
-                                    height=args.height, width=args.width, eta=args.eta, karras=args.karras)
+                                    height=args.height, width=args.width, eta=args.eta, karras=args.karras,
+                                    signal_leak=args.signal_leak)
     model_name = Path(args.model).name if args.model else "default"
     extra = {"Model": model_name}
     if args.lora:
         extra["LoRA"] = ", ".join(f"{path.stem}:{scale:g}" for path, scale in args.lora)
+    if options.signal_leak is not None:
+        extra["Signal leak"] = "on"
 
     images, seed = [], args.seed
     for prompt in prompts:
@@ -186,7 +191,8 @@ def generate(args: argparse.Namespace, prompts: list[str]) -> int:
                 batch = pipe(prompt, args.negative_prompt, steps=options.steps,
                              guidance_scale=options.guidance_scale, sampler=options.sampler, seed=seed,
                              height=options.height, width=options.width, num_images=count, eta=options.eta,
-                             karras=options.karras, progress=lambda done, total: bar.update(done - bar.n))
+                             karras=options.karras, signal_leak=options.signal_leak is not None,
+                             progress=lambda done, total: bar.update(done - bar.n))
             for offset, image in enumerate(batch):
                 parameters = a1111_parameters(
                     prompt, args.negative_prompt, steps=options.steps, sampler=options.sampler,
