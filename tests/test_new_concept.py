@@ -34,10 +34,12 @@ def test_export_writes_an_imagefolder_and_never_overwrites(tmp_path):
     assert len(rows) == 5 and all((folder / r["file_name"]).is_file() for r in rows)
     with pytest.raises(FileExistsError):
         new_concept.export_moon_folder(folder, 5, seed=2)
-    mixed = new_concept.export_moon_folder(tmp_path / "mixed", 4, seed=1, prior=3)
-    captions = [json.loads(line)["text"] for line in (mixed / "metadata.jsonl").read_text().splitlines()]
+    mixed = new_concept.export_moon_folder(tmp_path / "mixed", 4, seed=1, prior=3, repeats=5)
+    rows = [json.loads(line) for line in (mixed / "metadata.jsonl").read_text().splitlines()]
+    captions = [r["text"] for r in rows]
     assert len(captions) == 7 and all("moon" in c for c in captions[:4])
     assert not any("moon" in c for c in captions[4:])  # prior preservation: the known kinds
+    assert [r["repeats"] for r in rows] == [5] * 4 + [1] * 3  # moons x5 per epoch with data.repeats_column
 
 
 @pytest.mark.slow
