@@ -86,6 +86,7 @@ class LoraSettings:
     alpha: float | None = None  # default: alpha = rank
     text_encoder: bool = False
     dropout: float = 0.0
+    unet_targets: tuple[str, ...] | None = None  # U-Net layer-name suffixes; None: ldm.lora.UNET_TARGETS
 
 
 @dataclass
@@ -216,6 +217,8 @@ def parse_run_config(data: dict, *, source: str = "config") -> RunConfig:
     lora = training_dict.pop("lora", None)
     settings = _build(TrainSettings, training_dict, source, "training")
     if lora is not None:
+        if isinstance(lora, dict) and isinstance(lora.get("unet_targets"), list):
+            lora = {**lora, "unet_targets": tuple(lora["unet_targets"])}
         settings.lora = _build(LoraSettings, lora, source, "training.lora")
     output = data.get("output")
     output = {"path": output} if isinstance(output, str) else (output or {})
@@ -337,10 +340,10 @@ def prepare_trainable(pipe, settings: TrainSettings) -> dict[str, nn.Module]:
     pipe.vae.requires_grad_(False).eval()
     train_text = settings.train_text_encoder
     if settings.lora is not None:
-        from ldm.lora import TEXT_ENCODER_TARGETS, add_lora
+        from ldm.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora
 
         lora = settings.lora
-        add_lora(pipe.unet, lora.rank, lora.alpha, dropout=lora.dropout)
+        add_lora(pipe.unet, lora.rank, lora.alpha, lora.unet_targets or UNET_TARGETS, dropout=lora.dropout)
         pipe.text_encoder.requires_grad_(False)
         train_text = lora.text_encoder
         if train_text:

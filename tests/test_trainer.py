@@ -196,9 +196,16 @@ def test_lora_mode_writes_a_small_file_that_load_lora_reads(workspace):
 
     path = write_config(workspace, "lora", training={"steps": 4, "checkpoint_every": 2, "lr": 1e-2,
                                                       "gradient_accumulation": 2, "gradient_checkpointing": True,
-                                                      "lora": {"rank": 2, "alpha": 2, "text_encoder": True}})
+                                                      "lora": {"rank": 2, "alpha": 2, "text_encoder": True,
+                                                               "unet_targets": ["to_k", "to_v", "ff.net.2"]}})
     train(read_run_config(path), workspace / "lora", progress=False)
     lora_file = workspace / "lora" / "model" / "lora.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(lora_file, "pt") as handle:
+        unet_layers = {k.split(".")[0] for k in handle.keys() if k.startswith("lora_unet_")}
+    assert unet_layers and all(k.endswith(("to_k", "to_v", "ff_net_2")) for k in unet_layers), unet_layers
+    assert any(k.endswith("ff_net_2") for k in unet_layers)
     base_size = (workspace / "base" / "model.safetensors").stat().st_size
     assert lora_file.stat().st_size < base_size / 4
     weights, _ = training.load_latest_checkpoint(workspace / "lora")
