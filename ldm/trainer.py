@@ -109,6 +109,7 @@ class TrainSettings:
     mixed_precision: str = "no"  # no | fp16 | bf16 (GPU)
     gradient_checkpointing: bool = False
     train_text_encoder: bool = True
+    text_encoder_lr: float | None = None  # peak lr of the text encoder (kohya's text_encoder_lr); None: lr
     lora: LoraSettings | None = None
     log_every: int = 10  # tracker logging interval (steps)
 
@@ -272,6 +273,11 @@ def _check_values(config: RunConfig) -> None:
             raise ConfigError(f"{where}: training.{name} must be >= 1")
     if config.model_init is None and config.vae is None:
         raise ConfigError(f"{where}: a fresh model (no model.init) needs vae: a folder from train_autoencoder.py")
+    if t.text_encoder_lr is not None:
+        if t.text_encoder_lr <= 0 or t.lr <= 0:
+            raise ConfigError(f"{where}: training.text_encoder_lr and training.lr must be > 0")
+        if not (t.lora.text_encoder if t.lora is not None else t.train_text_encoder):
+            raise ConfigError(f"{where}: training.text_encoder_lr is set but the text encoder is not trained")
 
 
 # --------------------------------------------------------------------------------------------
@@ -539,6 +545,18 @@ def diffusion_loss_on_batch(unet, text_encoder, tokenizer, schedule, z: torch.Te
     return objectives.diffusion_loss(unet(x_t, t.float(), context.to(x_t.dtype)), target, weights)
 
 
+def parameter_groups(trained: dict[str, nn.Module], settings: TrainSettings) -> list[dict]:
+    """AdamW parameter groups, one per trained network; ``lr_scale`` multiplies the scheduled lr
+    (``text_encoder_lr / lr`` for the text encoder when ``text_encoder_lr`` is set, else 1)."""
+    groups = []
+    for name, module in trained.items():
+        scale = 1.0
+        if name == "text_encoder" and settings.text_encoder_lr is not None:
+            scale = settings.text_encoder_lr / settings.lr
+        groups.append({"params": list(TrainableParameters(module).parameters()), "lr_scale": scale})
+    return groups
+
+
 def step_generator(seed: int, step: int, micro: int = 0, accumulation: int = 1, rank: int = 0,
                    world: int = 1) -> torch.Generator:
     """The random stream of one micro-batch: a pure function of (seed, step, micro-step, process).
@@ -640,8 +658,9 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: str = "auto", expor
     pipe.to(device, torch.float32)  # master weights in fp32; accelerate's autocast runs the mixed precision
     emas = {name: EMA(TrainableParameters(module), t.ema_decay) for name, module in trained.items()} \
         if t.ema_decay else {}
-    parameters = [p for module in trained.values() for p in TrainableParameters(module).parameters()]
-    optimizer = torch.optim.AdamW(parameters, lr=t.lr, weight_decay=t.weight_decay)
+    groups = parameter_groups(trained, t)
+    parameters = [p for group in groups for p in group["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
 
     step, elapsed, data_state = 0, 0.0, {}
     resumed = training.load_latest_checkpoint(run_dir)
@@ -693,7 +712,7 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: str = "auto", expor
         lr = training.warmup_cosine_lr(step, base_lr=t.lr, warmup_steps=t.warmup_steps, total_steps=t.steps,
                                        final_lr=t.final_lr)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         step_loss = 0.0
         for micro in range(t.gradient_accumulation):
             generator = step_generator(t.seed, step, micro, t.gradient_accumulation, rank, world)

@@ -82,6 +82,13 @@ def test_overrides_are_dotted_yaml_values_and_unknown_keys_are_named(workspace):
         with pytest.raises(ConfigError, match=named):
             read_run_config(path, [override])
     assert read_run_config(path, ["run_dir=runs/x"]).run_dir == "runs/x"
+    with pytest.raises(ConfigError, match="text_encoder_lr is set but the text encoder is not trained"):
+        read_run_config(path, ["training.text_encoder_lr=1e-5"])  # the workspace config freezes it
+    config = read_run_config(path, ["training.text_encoder_lr=5e-4", "training.train_text_encoder=true"])
+    from ldm.trainer import parameter_groups
+
+    groups = parameter_groups({"unet": torch.nn.Linear(2, 2), "text_encoder": torch.nn.Linear(2, 3)}, config.training)
+    assert [g["lr_scale"] for g in groups] == [1.0, 5e-4 / config.training.lr] and len(groups[1]["params"]) == 2
     with pytest.raises(ConfigError, match="key=value"):
         apply_overrides({}, ["training.lr"])
     with pytest.raises(ConfigError, match="model: unet: .*model_chanels"):
