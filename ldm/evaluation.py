@@ -393,7 +393,8 @@ def markdown_report(result: EvaluationResult) -> str:
         f"Model: `{result.model or '?'}`; {s['n']} prompts never seen in training "
         f"({result.accuracy['generated']['held_out']['n']} on held-out pairs), seeds {s['seed']}.., "
         f"{s['height']}x{s['width']}, {s['sampler']}, {s['steps']} steps, guidance {s['guidance_scale']:g}, "
-        f"signal leak {'on' if s.get('signal_leak') else 'off'}; {result.seconds_per_image:.2f} s per image (batch {s['batch_size']}).",
+        f"signal leak {'on' if s.get('signal_leak') else 'off'}; "
+        f"{result.seconds_per_image:.2f} s per image (batch {s['batch_size']}).",
         "",
         "| images | pairs | n | object | colour | both |",
         "| --- | --- | ---: | ---: | ---: | ---: |",

@@ -310,7 +310,8 @@ class Txt2ImgPipeline:
     def _starting_point(self, generators: list[torch.Generator], sigmas: torch.Tensor, options) -> torch.Tensor:
         """``x [B, C, h, w]`` at ``sigmas[0]`` on the sigma scale: scaled noise, plus the signal leak if any."""
         noise = self._initial_noise(generators, options.height, options.width)
-        x = initial_latents(noise, sigmas, sampler=options.sampler, timestep_spacing=self.config.schedule.timestep_spacing)
+        x = initial_latents(noise, sigmas, sampler=options.sampler,
+                            timestep_spacing=self.config.schedule.timestep_spacing)
         if options.signal_leak is not None:
             x = x + SignalLeak.from_dict(options.signal_leak).sample(generators).to(x.device)[:, :, None, None]
         return x

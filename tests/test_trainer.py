@@ -137,7 +137,8 @@ def test_fine_tune_into_a_zero_terminal_snr_v_model(workspace):
 
     tuned = Txt2ImgPipeline.from_pretrained(workspace / "vpred" / "model")
     assert tuned.config.schedule.prediction == "v" and tuned.config.schedule.rescale_betas_zero_snr
-    assert tuned.config.schedule.steps_offset == Txt2ImgPipeline.from_pretrained(workspace / "base").config.schedule.steps_offset
+    base = Txt2ImgPipeline.from_pretrained(workspace / "base")
+    assert tuned.config.schedule.steps_offset == base.config.schedule.steps_offset  # keys not given are kept
     assert tuned(["a white square on red"], steps=3, seed=0)[0].size == (32, 32)
     with pytest.raises(ConfigError, match="needs prediction 'v'"):
         train(read_run_config(path, ["model.schedule.prediction=eps"]), workspace / "eps", progress=False)
