@@ -53,7 +53,7 @@ class SamplingDefaults:
 
 
 # (section name in config.yaml, config class)
-_SECTIONS = {
+SECTION_CLASSES = {
     "unet": UNetConfig,
     "vae": AutoencoderConfig,
     "text_encoder": TextEncoderConfig,
@@ -73,18 +73,18 @@ class PipelineConfig:
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
 
     def to_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name).to_dict() for name in _SECTIONS}
+        return {name: getattr(self, name).to_dict() for name in SECTION_CLASSES}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> "PipelineConfig":
         """Build from nested dicts; errors name the offending dotted key and the source."""
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: expected a mapping at the top level, got {type(d).__name__}")
-        unknown = sorted(set(d) - set(_SECTIONS))
+        unknown = sorted(set(d) - set(SECTION_CLASSES))
         if unknown:
-            raise ConfigError(f"{source}: unknown key {unknown[0]!r} (expected some of {sorted(_SECTIONS)})")
+            raise ConfigError(f"{source}: unknown key {unknown[0]!r} (expected some of {sorted(SECTION_CLASSES)})")
         sections = {}
-        for name, config_class in _SECTIONS.items():
+        for name, config_class in SECTION_CLASSES.items():
             values = d.get(name) or {}
             try:
                 sections[name] = config_class.from_dict(values)

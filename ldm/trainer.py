@@ -41,7 +41,7 @@ import yaml
 from torch import nn
 
 from ldm import checkpoints, objectives, training
-from ldm.config import PipelineConfig
+from ldm.config import SECTION_CLASSES, PipelineConfig
 from ldm.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -211,21 +211,18 @@ def parse_run_config(data: dict, *, source: str = "config") -> RunConfig:
         raise ConfigError(f"{source}: model needs init (a pretrained model) or unet/text_encoder sections")
     if init is None:
         PipelineConfig.from_dict(model, source=f"{source}: model")  # strict check now, not after loading data
-    for name, values in model.items() if init is not None else ():  # values merge into the init model's
-        known = [f.name for f in dataclasses.fields(type(getattr(PipelineConfig(), name)))]
-        _reject_unknown(values or {}, known, source, f"model.{name}.")
+    else:  # partial sections: their values merge into the init model's when it is loaded; check the keys now
+        for name, values in model.items():
+            _reject_unknown(values or {}, [f.name for f in dataclasses.fields(SECTION_CLASSES[name])], source,
+                            f"model.{name}.")
     training_dict = dict(data.get("training") or {})
     lora = training_dict.pop("lora", None)
     settings = _build(TrainSettings, training_dict, source, "training")
     if lora is not None:
-        if isinstance(lora, dict) and isinstance(lora.get("unet_targets"), list):
-            lora = {**lora, "unet_targets": tuple(lora["unet_targets"])}
         settings.lora = _build(LoraSettings, lora, source, "training.lora")
     output = data.get("output")
     output = {"path": output} if isinstance(output, str) else (output or {})
     validation = dict(data.get("validation") or {})
-    if isinstance(validation.get("prompts"), (list, tuple)):
-        validation["prompts"] = tuple(validation["prompts"])
     config = RunConfig(
         model_init=None if init is None else str(init), model_sections=model,
         vae=None if data.get("vae") is None else str(data["vae"]),
@@ -255,6 +252,8 @@ def _build(cls, values: dict, source: str, section: str):
                 values[name] = float(value)
             except ValueError:
                 raise ConfigError(f"{source}: {section}.{name} must be a number, got {value!r}") from None
+        elif isinstance(value, list) and "tuple" in str(fields[name].type):  # YAML has lists, the fields tuples
+            values[name] = tuple(value)
     return cls(**values)
 
 
