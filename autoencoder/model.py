@@ -6,7 +6,7 @@ images, and a light KL penalty towards N(0, I) keeps the latent space well behav
 
 Parameter names equal the original CompVis/Stability checkpoint keys under ``first_stage_model.``
 (``encoder.down.{i}.block.{j}.conv1.weight`` ...), so a community single-file checkpoint loads without
-renaming. Conversion to and from the diffusers layout lives in ``ldm.keymaps.vae``.
+renaming. Conversion to and from the diffusers layout lives in ``ldm.formats.vae_keys``.
 
 Shapes: images ``[B, in_channels, H, W]``; raw latents ``[B, latent_channels, H/f, W/f]`` with
 ``f = downsample_factor = 2 ** (len(channel_mult) - 1)``.

@@ -1,6 +1,6 @@
 """The pipeline's configuration: one typed dataclass per component, and strict YAML I/O.
 
-Each component's config lives beside the class it builds (``UNetConfig`` in ``ldm.unet``,
+Each component's config lives beside the class it builds (``UNetConfig`` in ``ldm.models.unet``,
 ``AutoencoderConfig`` in ``autoencoder.model``, ...); this module bundles them into
 :class:`PipelineConfig` and reads/writes the ``config.yaml`` of a saved model. Loading is
 strict: an unknown key is an error naming its dotted path (``unet.model_chanels``), so a
@@ -17,12 +17,12 @@ from typing import Any
 import yaml
 
 from autoencoder.model import AutoencoderConfig
-from ldm.dataclass_io import strict_from_dict
+from ldm.config_io import strict_from_dict
 from ldm.errors import ConfigError
-from ldm.schedule import ScheduleConfig
-from ldm.signal_leak import SignalLeak
-from ldm.text_encoders import TextEncoderConfig
-from ldm.unet import UNetConfig
+from ldm.sampling.schedule import ScheduleConfig
+from ldm.sampling.signal_leak import SignalLeak
+from ldm.models.text_encoders import TextEncoderConfig
+from ldm.models.unet import UNetConfig
 
 
 @dataclass
@@ -36,7 +36,7 @@ class SamplingDefaults:
     sampler: str = "dpmpp_2m"
     karras: bool = False
     eta: float = 0.0
-    # Statistics of the training latents for signal-leak sampling (ldm.signal_leak.SignalLeak as a
+    # Statistics of the training latents for signal-leak sampling (ldm.sampling.signal_leak.SignalLeak as a
     # dict: mean, covariance, count); None: start from pure noise, as diffusers does.
     signal_leak: dict[str, Any] | None = None
 

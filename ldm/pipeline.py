@@ -2,12 +2,12 @@
 
 ``Txt2ImgPipeline`` owns the three networks (U-Net, autoencoder, text encoder), the noise
 schedule and the sampling defaults. Its ``__call__`` is Algorithm 2 of the lecture
-(ancestral sampling, generalised to any sampler in :mod:`ldm.samplers`) with classifier-free
+(ancestral sampling, generalised to any sampler in :mod:`ldm.sampling.samplers`) with classifier-free
 guidance, followed by the VAE decoder.
 
 Weights load from this package's own folder format (``config.yaml`` + ``model.safetensors``
 with original Stable Diffusion key names), from diffusers ``StableDiffusionPipeline``
-folders, from original single-file checkpoints (:mod:`ldm.single_file`), or from a Hugging
+folders, from original single-file checkpoints (:mod:`ldm.formats.single_file`), or from a Hugging
 Face hub id when there is a network.
 """
 
@@ -24,19 +24,19 @@ import torch
 from PIL import Image
 
 from autoencoder.model import AutoencoderKL
-from ldm import checkpoints
+from ldm.formats import checkpoints
 from ldm.config import PipelineConfig, SamplingDefaults, load_config, save_config
-from ldm.denoiser import DiscreteDenoiser, cfg_denoiser
+from ldm.sampling.denoiser import DiscreteDenoiser, cfg_denoiser
 from ldm.errors import CheckpointError, ConfigError
-from ldm.samplers import SAMPLERS, final_latents, initial_latents
-from ldm.schedule import NoiseSchedule
-from ldm.signal_leak import SignalLeak
-from ldm.text_encoders import build_text_encoder
-from ldm.unet import UNetModel
+from ldm.sampling.samplers import SAMPLERS, final_latents, initial_latents
+from ldm.sampling.schedule import NoiseSchedule
+from ldm.sampling.signal_leak import SignalLeak
+from ldm.models.builder import build_components, fill_derived_buffers
+from ldm.models.unet import UNetModel
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "toy" / "default_model"
 NATIVE_CONFIG = "config.yaml"
 NATIVE_WEIGHTS = "model.safetensors"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -104,7 +104,7 @@ class Txt2ImgPipeline:
         if (folder / NATIVE_CONFIG).is_file():
             pipe = cls._from_native_folder(folder)
         elif (folder / "model_index.json").is_file():
-            from ldm.diffusers_io import load_diffusers_folder
+            from ldm.formats.diffusers_folder import load_diffusers_folder
 
             config, parts = load_diffusers_folder(folder)
             pipe = cls._from_parts(config, parts, source=str(folder))
@@ -139,9 +139,9 @@ class Txt2ImgPipeline:
                 (the non-EMA training weights).
             device, dtype: where and in which precision to run.
         Raises:
-            CheckpointError / ConfigError: one-line messages (see :mod:`ldm.single_file`).
+            CheckpointError / ConfigError: one-line messages (see :mod:`ldm.formats.single_file`).
         """
-        from ldm.single_file import read_single_file
+        from ldm.formats.single_file import read_single_file
 
         checkpoint = read_single_file(path, config, prediction=prediction, vae=vae, ema=ema)
         pipe = cls._from_parts(checkpoint.config, checkpoint.parts, source=str(path))
@@ -161,7 +161,7 @@ class Txt2ImgPipeline:
         for name, module in modules.items():
             # assign=True: the module takes the loaded tensors themselves, so weights are held once.
             checkpoints.load_into(module, parts.get(name, {}), what=f"{source}: {name}", assign=True)
-            _reset_nonpersistent_buffers(module, config, name)
+            fill_derived_buffers(module)
         return cls(config, **modules)
 
     # ------------------------------------------------------------------ saving
@@ -178,7 +178,7 @@ class Txt2ImgPipeline:
         """
         path = Path(path)
         if format == "diffusers":
-            from ldm.diffusers_io import save_diffusers_folder
+            from ldm.formats.diffusers_folder import save_diffusers_folder
 
             save_diffusers_folder(self, path, dtype=dtype)
             return
@@ -253,7 +253,7 @@ class Txt2ImgPipeline:
                 exactly as diffusers does with that generator, so image ``i`` of a batch is the
                 image generated alone with seed ``seed + i``.
             signal_leak: start from noise plus a leak drawn from the training latents' statistics
-                (:mod:`ldm.signal_leak`; the same generator, after the noise). ``None``: when the
+                (:mod:`ldm.sampling.signal_leak`; the same generator, after the noise). ``None``: when the
                 model has them. diffusers has no such option: :meth:`diffusers_latents` gives the
                 ``latents=`` that make its StableDiffusionPipeline draw the same image.
             progress: optional ``progress(done, total)`` called after each step (``total`` counts
@@ -357,22 +357,6 @@ class Txt2ImgPipeline:
         return options
 
 
-def build_component(name: str, config: PipelineConfig) -> torch.nn.Module:
-    """A freshly initialised ``"unet"``, ``"vae"`` or ``"text_encoder"`` for ``config``."""
-    if name == "unet":
-        return UNetModel(config.unet)
-    if name == "vae":
-        return AutoencoderKL(config.vae)
-    if name == "text_encoder":
-        return build_text_encoder(config.text_encoder)
-    raise ValueError(f"unknown component {name!r}")
-
-
-def build_components(config: PipelineConfig) -> dict[str, torch.nn.Module]:
-    """All three networks, keyed like :data:`ldm.checkpoints.COMPONENT_PREFIXES`."""
-    return {name: build_component(name, config) for name in checkpoints.COMPONENT_PREFIXES}
-
-
 def validate_sampling_options(options, downsample_factor: int = 8) -> None:
     """Raise ``ConfigError`` with a one-line message for options no sampler can use."""
     if options.sampler not in SAMPLERS:
@@ -441,38 +425,3 @@ def _download_from_hub(repo_id: str) -> Path:
             f"could not download {repo_id!r} from the Hugging Face hub (offline or no such model?): {first}"
         ) from None
     return Path(folder)
-
-
-def _reset_nonpersistent_buffers(module: torch.nn.Module, config: PipelineConfig, name: str) -> None:
-    """Fill buffers that checkpoints do not hold (still on the meta device after loading).
-
-    Such buffers are derived values (e.g. CLIP's ``position_ids``); a fresh copy of the component
-    built with its parameters on the meta device (no memory) and its buffers real supplies them.
-    """
-    missing = [n for n, b in module.named_buffers() if b.is_meta]
-    if not missing:
-        return
-    with _parameters_on_meta():
-        fresh = dict(build_component(name, config).named_buffers())
-    for buffer_name in missing:
-        owner_name, _, attr = buffer_name.rpartition(".")
-        owner = module.get_submodule(owner_name) if owner_name else module
-        owner.register_buffer(attr, fresh[buffer_name], persistent=False)
-
-
-class _parameters_on_meta:
-    """Context in which every new ``nn.Parameter`` lives on the meta device (buffers stay real)."""
-
-    def __enter__(self):
-        self._register = torch.nn.Module.register_parameter
-        register = self._register
-
-        def register_on_meta(module, name, parameter):
-            if parameter is not None and not parameter.is_meta:
-                parameter = torch.nn.Parameter(parameter.to("meta"), requires_grad=parameter.requires_grad)
-            register(module, name, parameter)
-
-        torch.nn.Module.register_parameter = register_on_meta
-
-    def __exit__(self, *exc):
-        torch.nn.Module.register_parameter = self._register

@@ -29,7 +29,6 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from ldm.cli import OneLineErrorParser  # noqa: E402
 
@@ -102,7 +101,7 @@ def convert(args: argparse.Namespace) -> None:
         return
     pipe = load_pipeline(args)
     if args.to == "original":
-        from ldm.single_file import save_single_file
+        from ldm.formats.single_file import save_single_file
 
         written = save_single_file(pipe, args.output, dtype=dtype)
         write_yaml_beside(written, args.output)
@@ -125,7 +124,7 @@ def convert_single_file_to_single_file(args: argparse.Namespace, dtype) -> None:
 
     Both U-Net weight sets are kept unless an EMA flag picks one.
     """
-    from ldm import single_file
+    from ldm.formats import single_file
 
     checkpoint = single_file.read_single_file(args.input, args.config, prediction=args.prediction, vae=args.vae,
                                               ema=ema_choice(args))
@@ -144,7 +143,7 @@ def convert_single_file_to_single_file(args: argparse.Namespace, dtype) -> None:
 def write_yaml_beside(config, output: Path) -> None:
     """A CompVis YAML next to the file, for tools that need one; skipped when no YAML can describe the model."""
     from ldm.errors import ConfigError
-    from ldm.single_file import save_compvis_yaml
+    from ldm.formats.single_file import save_compvis_yaml
 
     try:
         save_compvis_yaml(config, output.with_suffix(".yaml"))

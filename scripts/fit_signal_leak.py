@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """Fit a model's signal-leak statistics on its training images and write them into its config.yaml.
 
-    python scripts/fit_signal_leak.py --model ldm/default_model                 # procedural training data
+    python scripts/fit_signal_leak.py --model ldm/toy/default_model                 # procedural training data
     python scripts/fit_signal_leak.py --model runs/my-finetune/model --data path/to/image-folder
 
 The images are encoded with the model's own autoencoder (posterior mean x scaling factor, as the
 trainer does); the mean and covariance of the latents' per-channel spatial means go to
-``sampling.signal_leak`` (see ``ldm/signal_leak.py``), which ``Txt2ImgPipeline`` then uses by
+``sampling.signal_leak`` (see ``ldm/sampling/signal_leak.py``), which ``Txt2ImgPipeline`` then uses by
 default. ``--remove`` deletes them again. The config is replaced atomically.
 """
 
@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ldm.cli import OneLineErrorParser  # noqa: E402
 
@@ -28,15 +27,15 @@ logger = logging.getLogger("fit_signal_leak")
 
 
 def procedural_images(n: int, seed: int, size: int) -> list:
-    from ldm.procedural import ProceduralDataset
+    from ldm.toy.procedural import ProceduralDataset
 
     return [sample.image for sample in ProceduralDataset(seed=seed, split="train", image_size=size).take(n)]
 
 
 def folder_images(folder: str, n: int, size: int) -> list:
     """Up to ``n`` images of an image/caption folder, resized and centre-cropped to ``size``."""
-    from ldm.data import ImageCaptionDataset, load_image_caption_dataset
-    from ldm.evaluation import tensor_to_pil
+    from ldm.training.data import ImageCaptionDataset, load_image_caption_dataset
+    from ldm.toy.evaluation import tensor_to_pil
 
     dataset = ImageCaptionDataset(load_image_caption_dataset(folder), resolution=size)
     count = min(n, len(dataset))
@@ -48,7 +47,7 @@ def folder_images(folder: str, n: int, size: int) -> list:
 @torch.no_grad()
 def encode(vae, images: list, batch_size: int = 256) -> torch.Tensor:
     """Latents ``[N, C, h, w]`` (posterior mean x scaling factor) of PIL images."""
-    from ldm.procedural import images_to_tensor
+    from ldm.toy.procedural import images_to_tensor
 
     dtype = next(vae.parameters()).dtype
     return torch.cat([vae.encode_latents(images_to_tensor(images[i:i + batch_size]).to(dtype)).float()
@@ -77,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ldm.errors import LdmError
     from ldm.pipeline import Txt2ImgPipeline
-    from ldm.signal_leak import SignalLeak
+    from ldm.sampling.signal_leak import SignalLeak
 
     try:
         if args.n < 2:

@@ -9,7 +9,7 @@
 ``key=value`` pairs override the config by dotted path (values are YAML: ``training.lora.rank=16``);
 an unknown key is an error. Re-running the same command resumes from the newest checkpoint in
 --run-dir (weights, optimizer, EMA, RNG and data position); ``--resume latest`` insists on one.
-``--export`` only writes the newest checkpoint's (EMA) weights to ``output``. See ldm/trainer.py.
+``--export`` only writes the newest checkpoint's (EMA) weights to ``output``. See ldm/training/trainer.py.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ldm.cli import OneLineErrorParser  # noqa: E402
 
@@ -46,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from ldm.errors import LdmError
-    from ldm.trainer import read_run_config, train
+    from ldm.training.trainer import read_run_config, train
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -16,7 +16,6 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from ldm.cli import OneLineErrorParser  # noqa: E402
 
@@ -168,7 +167,7 @@ def generate(args: argparse.Namespace, prompts: list[str]) -> int:
     else:
         pipe = Txt2ImgPipeline.from_pretrained(args.model, device=device, dtype=dtype)
     if args.lora:
-        from ldm.lora import load_lora
+        from ldm.formats.lora import load_lora
 
         for path, scale in args.lora:
             load_lora(pipe, path, scale)

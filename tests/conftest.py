@@ -24,9 +24,9 @@ def tiny_pipeline_config(*, prediction: str = "eps", text_kind: str = "clip", sa
     """A complete SD-shaped pipeline config with a few channels per layer (32x32 images, f=2)."""
     from autoencoder.model import AutoencoderConfig
     from ldm.config import PipelineConfig, SamplingDefaults
-    from ldm.schedule import ScheduleConfig
-    from ldm.text_encoders import TextEncoderConfig
-    from ldm.unet import UNetConfig
+    from ldm.sampling.schedule import ScheduleConfig
+    from ldm.models.text_encoders import TextEncoderConfig
+    from ldm.models.unet import UNetConfig
 
     openclip = text_kind == "openclip"
     return PipelineConfig(

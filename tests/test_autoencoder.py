@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussian
-from ldm.keymaps.vae import config_from_diffusers, diffusers_config, from_diffusers, key_map, to_diffusers
+from ldm.formats.vae_keys import config_from_diffusers, diffusers_config, from_diffusers, key_map, to_diffusers
 
 diffusers = pytest.importorskip("diffusers")
 

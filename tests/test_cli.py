@@ -122,7 +122,7 @@ def test_help_mentions_the_77_token_limit():
 
 def test_lora_flag_applies_the_adapter_with_its_scale(tmp_path, model_dir):
     from ldm.images import read_a1111_parameters
-    from ldm.lora import add_lora, save_lora
+    from ldm.formats.lora import add_lora, save_lora
     from ldm.pipeline import Txt2ImgPipeline
 
     pipe = Txt2ImgPipeline.from_pretrained(model_dir)

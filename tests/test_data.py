@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from conftest import write_bad_image_folder
-from ldm import data
+from ldm.training import data
 from ldm.errors import ConfigError
 
 pytest.importorskip("datasets")
@@ -369,6 +369,6 @@ def test_inference_modules_do_not_import_datasets():
     import subprocess
     import sys
 
-    code = "import sys, ldm.pipeline, ldm.lora, ldm.data; print('datasets' in sys.modules)"
+    code = "import sys, ldm.pipeline, ldm.formats.lora, ldm.training.data; print('datasets' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"

@@ -30,7 +30,7 @@ def test_shipped_weights_load_strictly_and_match_the_config(default_pipe):
 
 
 def test_default_generation_is_what_the_judge_reads(default_pipe):
-    from ldm.judge import Judge
+    from ldm.toy.judge import Judge
 
     judge = Judge.load()
     cases = [("a red bicycle", "bicycle", "red", 0), ("a blue car", "car", "blue", 1),

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.evaluation import (
+from ldm.toy.evaluation import (
     EVAL_TEMPLATES,
     EvalPrompt,
     EvaluationResult,
@@ -30,12 +30,12 @@ from ldm.evaluation import (
     vae_round_trip,
     write_outputs,
 )
-from ldm.procedural import HELD_OUT_PAIRS, ProceduralDataset, pairs_for_split
+from ldm.toy.procedural import HELD_OUT_PAIRS, ProceduralDataset, pairs_for_split
 
 
 @pytest.fixture(scope="module")
 def judge():
-    from ldm.judge import Judge
+    from ldm.toy.judge import Judge
 
     return Judge.load()
 
@@ -121,7 +121,7 @@ def test_accuracy_arithmetic_on_known_labels():
 
 
 def test_frechet_floor_is_small_next_to_a_clearly_different_set(judge):
-    from ldm.judge import frechet_distance
+    from ldm.toy.judge import frechet_distance
 
     pairs = [p for p in pairs_for_split("all")] * 2  # 192 images
     real_a = render_real_images(pairs, stream="test-a")

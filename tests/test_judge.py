@@ -1,4 +1,4 @@
-"""Tests for the judge classifier and the Frechet distance (ldm/judge.py)."""
+"""Tests for the judge classifier and the Frechet distance (ldm/toy/judge.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from ldm.judge import DEFAULT_JUDGE_PATH, Judge, JudgeConfig, frechet_distance
-from ldm.procedural import ProceduralDataset, images_to_tensor
+from ldm.toy.judge import DEFAULT_JUDGE_PATH, Judge, JudgeConfig, frechet_distance
+from ldm.toy.procedural import ProceduralDataset, images_to_tensor
 
 FRESH_SEED = 424_242  # not a seed the shipped judge was trained or evaluated on
 

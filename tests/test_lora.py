@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import tiny_pipeline
-from ldm import lora
+from ldm.formats import lora
 from ldm.errors import CheckpointError, ConfigError
 
 pytest.importorskip("peft")
@@ -60,7 +60,7 @@ def trained_lora_file(base, path, *, rank=4, alpha=2.0, seed=1, text=True, targe
 @torch.no_grad()
 def apply_by_hand(pipe, files_and_scales) -> None:
     """Oracle: W += scale * alpha / r * up @ down for every entry of every file (kohya semantics)."""
-    from ldm.lora import _lookup_tables
+    from ldm.formats.lora import _lookup_tables
 
     table = _lookup_tables({"unet": pipe.unet, "text_encoder": pipe.text_encoder})
     modules = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
@@ -186,7 +186,7 @@ def test_compvis_and_diffusers_peft_key_layouts_load_the_same(base, tmp_path):
     lora.load_lora(reference, path)
     expected = run(reference)
 
-    from ldm.keymaps.unet import module_map
+    from ldm.formats.unet_keys import module_map
 
     compvis_of = {f"lora_unet_{theirs.replace('.', '_')}": f"lora_unet_{ours.replace('.', '_')}"
                   for ours, theirs in module_map(base.unet.config).items()}
@@ -210,7 +210,7 @@ def test_compvis_and_diffusers_peft_key_layouts_load_the_same(base, tmp_path):
 
 
 def _diffusers_module_path(kohya_name: str, base) -> str:
-    from ldm.lora import _lookup_tables
+    from ldm.formats.lora import _lookup_tables
 
     table = _lookup_tables({"unet": base.unet, "text_encoder": base.text_encoder})
     ours = table[kohya_name][1]
@@ -221,7 +221,7 @@ def test_our_file_loads_into_diffusers_with_the_same_result(base, tmp_path):
     diffusers = pytest.importorskip("diffusers")
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
-    from ldm.keymaps.unet import diffusers_config, to_diffusers
+    from ldm.formats.unet_keys import diffusers_config, to_diffusers
 
     path = trained_lora_file(base, tmp_path / "a.safetensors", text=False,
                              targets=("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.2"))
@@ -261,7 +261,7 @@ def test_errors_are_one_line_user_errors(base, pipe, tmp_path):
     save_file(wrong, str(tmp_path / "wrong.safetensors"))
     with pytest.raises(CheckpointError, match="shape"):
         lora.load_lora(copy.deepcopy(base), tmp_path / "wrong.safetensors")
-    from ldm.text_encoders import TextEncoderConfig, build_text_encoder
+    from ldm.models.text_encoders import TextEncoderConfig, build_text_encoder
 
     openclip = build_text_encoder(TextEncoderConfig(kind="openclip", width=32, layers=2, heads=2, act="gelu",
                                                     layer="penultimate", pad="zero", projection_dim=32))

@@ -1,4 +1,4 @@
-"""The fine-tuning demonstration's concept generator and moon detector (ldm/new_concept.py)."""
+"""The fine-tuning demonstration's concept generator and moon detector (ldm/toy/new_concept.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from ldm import new_concept, procedural
+from ldm.toy import new_concept
+
+from ldm.toy import procedural
 
 
 def test_moons_are_deterministic_and_captioned_with_their_colour():
@@ -44,7 +46,7 @@ def test_export_writes_an_imagefolder_and_never_overwrites(tmp_path):
 
 @pytest.mark.slow
 def test_detector_separates_moons_from_the_twelve_known_kinds():
-    from ldm.judge import Judge
+    from ldm.toy.judge import Judge
     from ldm.pipeline import Txt2ImgPipeline
 
     vae = Txt2ImgPipeline.from_pretrained().vae

@@ -138,8 +138,8 @@ def test_seeded_generation_is_repeatable_and_seed_matters(pipe):
 
 
 def test_guidance_scale_one_equals_the_conditional_model_alone(pipe):
-    from ldm.denoiser import DiscreteDenoiser
-    from ldm.samplers import SAMPLERS, final_latents, initial_latents
+    from ldm.sampling.denoiser import DiscreteDenoiser
+    from ldm.sampling.samplers import SAMPLERS, final_latents, initial_latents
 
     guided = pipe(PROMPT, "anything at all", guidance_scale=1.0, seed=3, sampler="euler", output_type="pt")
     context = pipe.encode_prompt([PROMPT])
@@ -153,7 +153,7 @@ def test_guidance_scale_one_equals_the_conditional_model_alone(pipe):
 
 
 def test_every_sampler_produces_images(pipe):
-    from ldm.samplers import SAMPLERS
+    from ldm.sampling.samplers import SAMPLERS
 
     for name in SAMPLERS:
         images = pipe(PROMPT, sampler=name, steps=3, seed=0)
@@ -201,7 +201,7 @@ def test_saving_over_a_model_replaces_its_weights_and_keeps_its_model_card(tmp_p
     pipe.save_pretrained(tmp_path / "model", dtype=torch.float16)
     assert (tmp_path / "model" / "MODEL_CARD.md").read_text() == "# my model\n"
     assert not (tmp_path / "model" / "stale.bin").exists()  # only documents are carried over
-    from ldm.checkpoints import load_state_dict
+    from ldm.formats.checkpoints import load_state_dict
 
     assert next(iter(load_state_dict(tmp_path / "model" / "model.safetensors").values())).dtype == torch.float16
 

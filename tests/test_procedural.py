@@ -1,4 +1,4 @@
-"""Tests for the procedural captioned dataset (ldm/procedural.py)."""
+"""Tests for the procedural captioned dataset (ldm/toy/procedural.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from ldm import procedural as P
-from ldm.procedural import (
+from ldm.toy import procedural as P
+from ldm.toy.procedural import (
     BACKGROUND_COLOURS, CAPTION_TEMPLATES, COLOURS, HELD_OUT_PAIRS, OBJECT_COLOURS, OBJECTS,
     POSITION_PHRASES, ProceduralDataset, export_imagefolder, render,
 )

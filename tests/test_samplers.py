@@ -15,9 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldm.denoiser import DiscreteDenoiser, cfg_denoiser
-from ldm.samplers import SAMPLERS, ancestral_split, final_latents, initial_latents, randn_like_rows
-from ldm.schedule import (
+from ldm.sampling.denoiser import DiscreteDenoiser, cfg_denoiser
+from ldm.sampling.samplers import SAMPLERS, ancestral_split, final_latents, initial_latents, randn_like_rows
+from ldm.sampling.schedule import (
     BETA_SCHEDULES,
     SAMPLER_DISCRETISATION,
     NoiseSchedule,

@@ -1,4 +1,4 @@
-"""Signal-leak sampling (ldm/signal_leak.py, scripts/fit_signal_leak.py): statistics, the starting point, diffusers."""
+"""Signal-leak sampling (ldm/sampling/signal_leak.py, scripts/fit_signal_leak.py): statistics, the starting point, diffusers."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 from ldm.config import PipelineConfig
 from ldm.errors import ConfigError
 from ldm.pipeline import Txt2ImgPipeline
-from ldm.samplers import initial_latents
-from ldm.signal_leak import SignalLeak
+from ldm.sampling.samplers import initial_latents
+from ldm.sampling.signal_leak import SignalLeak
 from tests.conftest import tiny_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -27,7 +27,7 @@ UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_mo
 def original_keys(pipe, *, ema_unet=None) -> dict[str, torch.Tensor]:
     """A pipeline's weights as CompVis code saves them, written out by hand (independent of our writer):
     prefixed keys, SD 1.x ``position_ids``, LitEma names, DDPM schedule buffers."""
-    from ldm.schedule import NoiseSchedule
+    from ldm.sampling.schedule import NoiseSchedule
 
     state = {UNET + k: v.clone() for k, v in pipe.unet.state_dict().items()}
     state |= {VAE + k: v.clone() for k, v in pipe.vae.state_dict().items()}
@@ -68,7 +68,7 @@ def oracle_config(text_kind: str, prediction: str):
     64-channel text heads), so ours and diffusers read the same YAML."""
     from dataclasses import replace
 
-    from ldm.text_encoders import TextEncoderConfig
+    from ldm.models.text_encoders import TextEncoderConfig
 
     config = tiny_pipeline_config(prediction=prediction, text_kind=text_kind)
     openclip = text_kind == "openclip"
@@ -108,8 +108,8 @@ def sd2(tmp_path_factory):
 
 def full_size_parts(config):
     from autoencoder.model import AutoencoderKL
-    from ldm.text_encoders import build_text_encoder
-    from ldm.unet import UNetModel
+    from ldm.models.text_encoders import build_text_encoder
+    from ldm.models.unet import UNetModel
 
     with torch.device("meta"):
         return {"unet": UNetModel(config.unet).state_dict(), "vae": AutoencoderKL(config.vae).state_dict(),
@@ -119,10 +119,10 @@ def full_size_parts(config):
 def test_full_size_sd1_and_sd2_are_detected_and_match_the_shipped_yamls():
     from autoencoder.model import AutoencoderConfig
     from ldm.config import PipelineConfig, SamplingDefaults
-    from ldm.schedule import ScheduleConfig
-    from ldm.single_file import OriginalCheckpoint, check_fits, config_from_compvis, infer_config
-    from ldm.text_encoders import TextEncoderConfig
-    from ldm.unet import UNetConfig
+    from ldm.sampling.schedule import ScheduleConfig
+    from ldm.formats.single_file import OriginalCheckpoint, check_fits, config_from_compvis, infer_config
+    from ldm.models.text_encoders import TextEncoderConfig
+    from ldm.models.unet import UNetConfig
 
     sd1 = PipelineConfig(UNetConfig(), AutoencoderConfig(), TextEncoderConfig.sd1(), ScheduleConfig(),
                          SamplingDefaults())
@@ -153,7 +153,7 @@ def test_full_size_sd1_and_sd2_are_detected_and_match_the_shipped_yamls():
 
 
 def test_ema_names_follow_compvis_litema():
-    from ldm.single_file import ema_key
+    from ldm.formats.single_file import ema_key
 
     # LitEma(DiffusionWrapper): "diffusion_model." + name, every dot removed, under "model_ema."
     assert ema_key("input_blocks.1.0.in_layers.0.weight") == "model_ema.diffusion_modelinput_blocks10in_layers0weight"
@@ -167,7 +167,7 @@ def test_ema_names_follow_compvis_litema():
 
 def test_sd1_original_to_ours_to_diffusers_to_ours_to_original_is_bitwise(sd1, tmp_path):
     from ldm.pipeline import Txt2ImgPipeline
-    from ldm.single_file import SCHEDULE_BUFFERS, save_single_file
+    from ldm.formats.single_file import SCHEDULE_BUFFERS, save_single_file
 
     pipe, path = sd1
     ours = Txt2ImgPipeline.from_single_file(path, pipe.config)
@@ -186,7 +186,7 @@ def test_sd2_round_trips(sd2, tmp_path):
     """Original -> ours -> original is bitwise. Through diffusers the text encoder drops what diffusers drops
     (the unused last block, text_projection, logit_scale); everything else is bitwise, images are equal."""
     from ldm.pipeline import Txt2ImgPipeline
-    from ldm.single_file import SCHEDULE_BUFFERS, save_single_file
+    from ldm.formats.single_file import SCHEDULE_BUFFERS, save_single_file
 
     pipe, path = sd2
     original = {k: v for k, v in load_file(str(path)).items() if k not in SCHEDULE_BUFFERS}
@@ -217,11 +217,11 @@ def test_same_tensors_and_image_as_diffusers_from_single_file(tmp_path, text_kin
     config from the hub). A local folder holding configs only, no weights, serves offline."""
     import diffusers
 
-    from ldm.keymaps import text as text_keymap
-    from ldm.keymaps import unet as unet_keymap
-    from ldm.keymaps import vae as vae_keymap
+    from ldm.formats import text_keys as text_keymap
+    from ldm.formats import unet_keys as unet_keymap
+    from ldm.formats import vae_keys as vae_keymap
     from ldm.pipeline import Txt2ImgPipeline
-    from ldm.single_file import save_compvis_yaml
+    from ldm.formats.single_file import save_compvis_yaml
 
     config = oracle_config(text_kind, prediction)
     torch.manual_seed(11)
@@ -262,7 +262,7 @@ def test_same_tensors_and_image_as_diffusers_from_single_file(tmp_path, text_kin
 
 def test_prediction_comes_from_yaml_beside_file_or_flag(tmp_path):
     from ldm.pipeline import Txt2ImgPipeline
-    from ldm.single_file import read_single_file, save_compvis_yaml
+    from ldm.formats.single_file import read_single_file, save_compvis_yaml
 
     config = oracle_config("clip", "v")
     torch.manual_seed(0)
@@ -287,7 +287,7 @@ def test_prediction_comes_from_yaml_beside_file_or_flag(tmp_path):
 def test_ema_weights_are_chosen_and_named_as_compvis_does(sd1, tmp_path):
     from ldm.config import save_config
     from ldm.errors import CheckpointError
-    from ldm.single_file import read_single_file
+    from ldm.formats.single_file import read_single_file
 
     pipe, _ = sd1
     training = pipe.unet.state_dict()
@@ -327,9 +327,9 @@ def test_ema_weights_are_chosen_and_named_as_compvis_does(sd1, tmp_path):
 
 
 def test_separate_vae_file_in_any_layout_replaces_the_checkpoints(sd1, tmp_path):
-    from ldm.keymaps import vae as vae_keymap
+    from ldm.formats import vae_keys as vae_keymap
     from ldm.pipeline import Txt2ImgPipeline
-    from ldm.single_file import read_single_file
+    from ldm.formats.single_file import read_single_file
 
     pipe, path = sd1
     other_vae = {k: torch.randn_like(v) for k, v in pipe.vae.state_dict().items()}
@@ -348,7 +348,7 @@ def test_separate_vae_file_in_any_layout_replaces_the_checkpoints(sd1, tmp_path)
 
 def test_early_sd1_text_key_names_load_and_a_different_stored_schedule_warns(sd1, tmp_path, caplog):
     """Early SD 1.x files name CLIP keys without ``text_model.`` (transformers < 4.20)."""
-    from ldm.single_file import read_single_file
+    from ldm.formats.single_file import read_single_file
 
     pipe, path = sd1
     state = load_file(str(path))
@@ -382,7 +382,7 @@ class _Malicious:
 
 def test_ckpt_loads_weights_only_and_a_code_running_pickle_is_refused(sd1, tmp_path):
     from ldm.errors import CheckpointError
-    from ldm.single_file import read_single_file
+    from ldm.formats.single_file import read_single_file
 
     pipe, path = sd1
     good = tmp_path / "model.ckpt"
@@ -405,7 +405,7 @@ def test_ckpt_loads_weights_only_and_a_code_running_pickle_is_refused(sd1, tmp_p
 def test_broken_and_foreign_files_give_one_line_errors(sd1, tmp_path):
     from ldm.errors import CheckpointError, LdmError
     from ldm.pipeline import Txt2ImgPipeline
-    from ldm.single_file import read_single_file
+    from ldm.formats.single_file import read_single_file
 
     pipe, path = sd1
     data = path.read_bytes()

@@ -15,15 +15,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ldm.keymaps import text as text_keymap
-from ldm.text_encoders import (
+from ldm.formats import text_keys as text_keymap
+from ldm.models.text_encoders import (
     CLIPTextEncoder,
     OpenCLIPTextEncoder,
     TextEncoder,
     TextEncoderConfig,
     build_text_encoder,
 )
-from ldm.tokenizer import ClipTokenizer
+from ldm.models.tokenizer import ClipTokenizer
 
 TOLERANCE = 1e-4
 
@@ -143,7 +143,7 @@ def test_from_diffusers_folder_matches_the_folders_own_tokenizer(tmp_path, pad, 
 
 def test_truncation_keeps_final_eot_and_warns_once(caplog):
     tokenizer = ClipTokenizer(max_length=8)
-    with caplog.at_level(logging.WARNING, logger="ldm.tokenizer"):
+    with caplog.at_level(logging.WARNING, logger="ldm.models.tokenizer"):
         ids = tokenizer(["one two three four five six seven eight nine", "short", "a b c d e f g"])
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
@@ -153,7 +153,7 @@ def test_truncation_keeps_final_eot_and_warns_once(caplog):
     assert ids[0, -1] == 49407 and ids[2, -1] == 49407
     assert tokenizer.decode(ids[0, 1:-1]) == "one two three four five six"
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="ldm.tokenizer"):
+    with caplog.at_level(logging.WARNING, logger="ldm.models.tokenizer"):
         tokenizer(["short"])
     assert not caplog.records
 

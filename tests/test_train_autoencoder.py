@@ -1,4 +1,4 @@
-"""scripts/train_autoencoder.py on a tiny config: three resumable stages and --update-model."""
+"""scripts/toy/train_autoencoder.py on a tiny config: three resumable stages and --update-model."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import torch
 import yaml
 
 from conftest import tiny_pipeline_config
-from ldm import checkpoints, training
+from ldm.formats import checkpoints
+from ldm.training import run_state
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "scripts" / "toy"))
 
 import train_autoencoder  # noqa: E402
 
@@ -34,9 +35,9 @@ def test_three_stages_then_update_a_model_folder_in_place(tmp_path):
     config.write_text(yaml.safe_dump(TINY))
     run = tmp_path / "run"
     assert train_autoencoder.main(["--config", str(config), "--run-dir", str(run), "--threads", "1"]) == 0
-    assert [s for s, _ in training.list_checkpoints(run / "joint")] == [1, 2]
+    assert [s for s, _ in run_state.list_checkpoints(run / "joint")] == [1, 2]
     trained = checkpoints.load_state_dict(run / "vae.safetensors")
-    stage2 = training.load_latest_checkpoint(run / "decoder")[0]
+    stage2 = run_state.load_latest_checkpoint(run / "decoder")[0]
     assert any(not torch.equal(trained[k], stage2[k]) for k in trained if k.startswith("encoder."))  # stage 3 ran
     meta = yaml.safe_load((run / "vae.yaml").read_text())
 

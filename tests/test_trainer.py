@@ -1,4 +1,4 @@
-"""The general training entry point (ldm/trainer.py, scripts/train.py) on tiny models and a tiny image folder."""
+"""The general training entry point (ldm/training/trainer.py, scripts/train.py) on tiny models and a tiny image folder."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ import yaml
 from PIL import Image
 
 from conftest import tiny_pipeline, write_bad_image_folder
-from ldm import training
+from ldm.training import run_state
 from ldm.errors import ConfigError
-from ldm.trainer import apply_overrides, diffusion_loss_on_batch, parse_run_config, read_run_config, train
+from ldm.training.trainer import apply_overrides, diffusion_loss_on_batch, parse_run_config, read_run_config, train
 
 ROOT = Path(__file__).resolve().parent.parent
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}
@@ -85,7 +85,7 @@ def test_overrides_are_dotted_yaml_values_and_unknown_keys_are_named(workspace):
     with pytest.raises(ConfigError, match="text_encoder_lr is set but the text encoder is not trained"):
         read_run_config(path, ["training.text_encoder_lr=1e-5"])  # the workspace config freezes it
     config = read_run_config(path, ["training.text_encoder_lr=5e-4", "training.train_text_encoder=true"])
-    from ldm.trainer import parameter_groups
+    from ldm.training.trainer import parameter_groups
 
     groups = parameter_groups({"unet": torch.nn.Linear(2, 2), "text_encoder": torch.nn.Linear(2, 3)}, config.training)
     assert [g["lr_scale"] for g in groups] == [1.0, 5e-4 / config.training.lr] and len(groups[1]["params"]) == 2
@@ -125,7 +125,7 @@ def test_data_mistakes_stop_before_training(workspace):
     column = read_run_config(write_config(workspace, "column", data={"caption_column": "caption"}))
     with pytest.raises(ConfigError, match="caption column 'caption'"):
         train(column, workspace / "column", progress=False)
-    assert not training.list_checkpoints(workspace / "hub") and not training.list_checkpoints(workspace / "column")
+    assert not run_state.list_checkpoints(workspace / "hub") and not run_state.list_checkpoints(workspace / "column")
 
 
 def test_fine_tune_into_a_zero_terminal_snr_v_model(workspace):
@@ -148,9 +148,9 @@ def test_fine_tune_into_a_zero_terminal_snr_v_model(workspace):
 
 def mean_loss(model_dir: Path, workspace: Path) -> float:
     """Unweighted diffusion loss of a model on all 8 images, over fixed timesteps and noise."""
-    from ldm.data import ImageCaptionDataset, collate_batch, load_image_caption_dataset
+    from ldm.training.data import ImageCaptionDataset, collate_batch, load_image_caption_dataset
     from ldm.pipeline import Txt2ImgPipeline
-    from ldm.trainer import TrainSettings
+    from ldm.training.trainer import TrainSettings
 
     pipe = Txt2ImgPipeline.from_pretrained(model_dir)
     dataset = ImageCaptionDataset(load_image_caption_dataset(workspace / "images"), resolution=32)
@@ -199,7 +199,7 @@ def test_training_on_every_kind_of_bad_data_reports_what_it_skipped(workspace, c
 
 
 def test_lora_mode_writes_a_small_file_that_load_lora_reads(workspace):
-    from ldm.lora import load_lora
+    from ldm.formats.lora import load_lora
     from ldm.pipeline import Txt2ImgPipeline
 
     path = write_config(workspace, "lora", training={"steps": 4, "checkpoint_every": 2, "lr": 1e-2,
@@ -216,7 +216,7 @@ def test_lora_mode_writes_a_small_file_that_load_lora_reads(workspace):
     assert any(k.endswith("ff_net_2") for k in unet_layers)
     base_size = (workspace / "base" / "model.safetensors").stat().st_size
     assert lora_file.stat().st_size < base_size / 4
-    weights, _ = training.load_latest_checkpoint(workspace / "lora")
+    weights, _ = run_state.load_latest_checkpoint(workspace / "lora")
     assert weights and all(".lora_" in key for key in weights)  # checkpoints hold only the adapters
 
     pipe = Txt2ImgPipeline.from_pretrained(workspace / "base")
@@ -238,12 +238,12 @@ def test_resume_restores_data_position_optimizer_and_rng(workspace):
     shutil.rmtree(workspace / "interrupted" / "checkpoints" / "step-0000006")  # as if killed after step 3
     result = train(config, workspace / "interrupted", resume="latest", progress=False)
     assert result.step == 6 and len(result.losses) == 3
-    a = training.load_latest_checkpoint(workspace / "straight")[0]
-    b = training.load_latest_checkpoint(workspace / "interrupted")[0]
+    a = run_state.load_latest_checkpoint(workspace / "straight")[0]
+    b = run_state.load_latest_checkpoint(workspace / "interrupted")[0]
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst < 1e-6, f"resumed run diverged (max abs diff {worst:.2e})"
     # (Not restoring the data position replays epoch 0: max abs diff ~3e-3.)
-    assert training.load_latest_checkpoint(workspace / "interrupted")[1]["data"]["batches_done"] == 6
+    assert run_state.load_latest_checkpoint(workspace / "interrupted")[1]["data"]["batches_done"] == 6
     shutil.rmtree(workspace / "resume" / "model")
     exported = train(config, workspace / "interrupted", export_only=True, progress=False)
     assert exported.step == 6 and (exported.output / "model.safetensors").is_file()
@@ -258,7 +258,7 @@ def test_command_line_run_with_bf16_autocast_and_export(workspace):
                            str(workspace / "bf16"), "--threads", "1", "--no-progress"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert [s for s, _ in training.list_checkpoints(workspace / "bf16")] == [1, 2]  # keep_checkpoints=2
+    assert [s for s, _ in run_state.list_checkpoints(workspace / "bf16")] == [1, 2]  # keep_checkpoints=2
     assert (workspace / "bf16" / "model" / "model.safetensors").is_file()
 
 
@@ -275,7 +275,7 @@ def test_two_processes_train_data_parallel_and_only_rank_0_writes(workspace):
                            str(workspace / "ddp"), "--threads", "1", "--no-progress"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert [s for s, _ in training.list_checkpoints(workspace / "ddp")] == [2, 4]
+    assert [s for s, _ in run_state.list_checkpoints(workspace / "ddp")] == [2, 4]
     note = json.loads((workspace / "ddp" / "model" / "training.json").read_text())
     assert note["steps"] == 4 and note["samples_seen"] == 4 * 3 * 2  # batch 3 per process, 2 processes
     state = torch.load(workspace / "ddp" / "checkpoints" / "step-0000004" / "state.pt", weights_only=True)

@@ -15,8 +15,10 @@ import pytest
 import torch
 import yaml
 
-from ldm import objectives, training
-from ldm.ema import EMA
+from ldm.training import objectives
+
+from ldm.training import run_state
+from ldm.training.ema import EMA
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,7 +81,7 @@ def test_ema_tracks_the_average_with_warmup():
 
 
 def test_warmup_cosine_schedule_endpoints():
-    lr = lambda s: training.warmup_cosine_lr(s, base_lr=1.0, warmup_steps=10, total_steps=110, final_lr=0.1)  # noqa: E731
+    lr = lambda s: run_state.warmup_cosine_lr(s, base_lr=1.0, warmup_steps=10, total_steps=110, final_lr=0.1)  # noqa: E731
     assert lr(0) == pytest.approx(0.1) and lr(9) == pytest.approx(1.0)
     assert lr(10) == pytest.approx(1.0) and lr(60) == pytest.approx(0.55) and lr(110) == pytest.approx(0.1)
 
@@ -87,18 +89,18 @@ def test_warmup_cosine_schedule_endpoints():
 def test_checkpoint_write_is_atomic_and_keeps_the_last_k(tmp_path, monkeypatch):
     weights = {"w": torch.arange(4.0)}
     for step in (1, 2, 3):
-        training.save_checkpoint(tmp_path, step, weights, {"optimizer": {}}, keep=2)
-    assert [s for s, _ in training.list_checkpoints(tmp_path)] == [2, 3]
+        run_state.save_checkpoint(tmp_path, step, weights, {"optimizer": {}}, keep=2)
+    assert [s for s, _ in run_state.list_checkpoints(tmp_path)] == [2, 3]
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("killed while writing")
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        training.save_checkpoint(tmp_path, 4, weights, {"optimizer": {}}, keep=2)
-    assert [s for s, _ in training.list_checkpoints(tmp_path)] == [2, 3]
+        run_state.save_checkpoint(tmp_path, 4, weights, {"optimizer": {}}, keep=2)
+    assert [s for s, _ in run_state.list_checkpoints(tmp_path)] == [2, 3]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000002", "step-0000003"]
-    loaded, state = training.load_latest_checkpoint(tmp_path)
+    loaded, state = run_state.load_latest_checkpoint(tmp_path)
     assert state["step"] == 3 and torch.equal(loaded["w"], weights["w"])
 
 
@@ -112,7 +114,7 @@ def tiny_recipe(tmp_path_factory):
     from PIL import Image
 
     from autoencoder.model import AutoencoderConfig, AutoencoderKL
-    from ldm.checkpoints import save_safetensors_atomic
+    from ldm.formats.checkpoints import save_safetensors_atomic
 
     root = tmp_path_factory.mktemp("recipe")
     vae_config = AutoencoderConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, norm_groups=4,
@@ -153,7 +155,7 @@ def run_train(config: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return training.load_latest_checkpoint(run_dir)[0]
+    return run_state.load_latest_checkpoint(run_dir)[0]
 
 
 @pytest.mark.slow
@@ -170,9 +172,9 @@ def test_sigkill_and_resume_reaches_the_same_weights_as_an_uninterrupted_run(tin
     for _ in range(8):
         process = run_train(config, interrupted)
         deadline = time.time() + 120
-        before = {s for s, _ in training.list_checkpoints(interrupted)}
+        before = {s for s, _ in run_state.list_checkpoints(interrupted)}
         while time.time() < deadline and process.poll() is None:
-            now = {s for s, _ in training.list_checkpoints(interrupted)}
+            now = {s for s, _ in run_state.list_checkpoints(interrupted)}
             if now - before:  # a new checkpoint landed: kill at a random-ish point after it
                 time.sleep(0.05 * (kills % 3))
                 process.send_signal(signal.SIGKILL)
@@ -180,14 +182,14 @@ def test_sigkill_and_resume_reaches_the_same_weights_as_an_uninterrupted_run(tin
                 break
             time.sleep(0.02)
         process.wait(timeout=60)
-        for step, folder in training.list_checkpoints(interrupted):
+        for step, folder in run_state.list_checkpoints(interrupted):
             assert (folder / "weights.safetensors").is_file() and (folder / "state.pt").is_file()
         if process.returncode == 0:
             break
     final = run_train(config, interrupted)
     assert final.wait(timeout=300) == 0, final.stderr.read()
     assert kills >= 5
-    assert training.list_checkpoints(interrupted)[-1][0] == 12
+    assert run_state.list_checkpoints(interrupted)[-1][0] == 12
     a, b = final_weights(tmp_path / "straight"), final_weights(interrupted)
     assert a.keys() == b.keys()
     # Same data, noise and optimizer state after every resume: the weights agree to float rounding

@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
-from ldm import attention as attention_module
-from ldm.attention import attention
-from ldm.keymaps.unet import config_from_diffusers, diffusers_config, from_diffusers, to_diffusers
-from ldm.unet import UNetConfig, UNetModel, timestep_embedding
+from ldm.models import attention as attention_module
+from ldm.models.attention import attention
+from ldm.formats.unet_keys import config_from_diffusers, diffusers_config, from_diffusers, to_diffusers
+from ldm.models.unet import UNetConfig, UNetModel, timestep_embedding
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -1,0 +1,187 @@
+"""Reading and writing diffusers ``StableDiffusionPipeline`` folders.
+
+A diffusers folder holds one sub-folder per component (``unet/``, ``vae/``, ``text_encoder/``,
+``tokenizer/``, ``scheduler/``), each with a ``config.json`` and weights in diffusers' own
+names. The key maps in ``ldm.formats.*_keys`` translate those names to the original Stable
+Diffusion names our modules use, and the component configs to ours.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ldm.formats import checkpoints
+from ldm.config import PipelineConfig, SamplingDefaults, plain_data
+from ldm.errors import CheckpointError, ConfigError
+from ldm.formats import text_keys as text_keymap
+from ldm.formats import unet_keys as unet_keymap
+from ldm.formats import vae_keys as vae_keymap
+from ldm.sampling.samplers import SAMPLERS
+from ldm.sampling.schedule import ScheduleConfig
+from ldm.models.tokenizer import ClipTokenizer
+
+logger = logging.getLogger(__name__)
+
+# our sampler name -> the diffusers scheduler class with the same algorithm (PNDM/LMS folders,
+# which have no counterpart here, load with DPM++ 2M).
+SCHEDULER_CLASSES = {name: spec.diffusers_class for name, spec in SAMPLERS.items()}
+_SAMPLER_FOR_CLASS = {cls: name for name, cls in SCHEDULER_CLASSES.items()}
+
+_WEIGHT_NAMES = {
+    "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+             "diffusion_pytorch_model.bin"),
+    "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+            "diffusion_pytorch_model.bin"),
+    "text_encoder": ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin"),
+}
+_KEYMAPS = {"unet": unet_keymap, "vae": vae_keymap, "text_encoder": text_keymap}
+
+
+def load_diffusers_folder(folder: str | Path) -> tuple[PipelineConfig, dict[str, dict[str, torch.Tensor]]]:
+    """Read a diffusers pipeline folder into our config and original-named state dicts.
+
+    Returns:
+        ``(config, parts)`` with ``parts = {"unet": sd, "vae": sd, "text_encoder": sd}``, keys in
+        the original single-file names without their component prefix.
+    """
+    folder = Path(folder)
+    _read_json(folder / "model_index.json")
+    unet_json = _read_json(folder / "unet" / "config.json")
+    unet_config = unet_keymap.config_from_diffusers(unet_json)
+    vae_config = vae_keymap.config_from_diffusers(_read_json(folder / "vae" / "config.json"))
+    text_config = text_keymap.config_from_diffusers(_read_json(folder / "text_encoder" / "config.json"))
+    tokenizer = ClipTokenizer.from_diffusers_folder(folder / "tokenizer")
+    text_config = _with_tokenizer_settings(text_config, tokenizer)
+    scheduler_dict = _read_json(folder / "scheduler" / "scheduler_config.json")
+    native_size = unet_json.get("sample_size", 64)
+    factor = 2 ** (len(vae_config.channel_mult) - 1)
+    sampling = SamplingDefaults(
+        height=int(native_size) * factor,
+        width=int(native_size) * factor,
+        sampler=_SAMPLER_FOR_CLASS.get(scheduler_dict.get("_class_name", ""), "dpmpp_2m"),
+    )
+    config = PipelineConfig(
+        unet=unet_config,
+        vae=vae_config,
+        text_encoder=text_config,
+        schedule=ScheduleConfig.from_diffusers(scheduler_dict),
+        sampling=sampling,
+    )
+    parts = {}
+    for name, component_config in (("unet", unet_config), ("vae", vae_config), ("text_encoder", text_config)):
+        state_dict = checkpoints.load_state_dict(_weights_file(folder / name, name))
+        try:
+            parts[name] = _KEYMAPS[name].from_diffusers(state_dict, component_config)
+        except (KeyError, ValueError) as error:
+            raise CheckpointError(f"{folder / name}: weights do not fit its config.json ({error})") from None
+    return config, parts
+
+
+def _with_tokenizer_settings(text_config, tokenizer: ClipTokenizer):
+    """The padding and length of the folder's tokenizer decide ours."""
+    from dataclasses import replace
+
+    return replace(text_config, pad=tokenizer.pad, max_length=tokenizer.max_length)
+
+
+def save_diffusers_folder(pipe, path: str | Path, *, dtype: torch.dtype | None = None) -> None:
+    """Write ``pipe`` as a folder ``diffusers.StableDiffusionPipeline.from_pretrained`` loads offline."""
+    config: PipelineConfig = pipe.config
+    with checkpoints.atomic_folder(path) as folder:
+        _write_json(folder / "model_index.json", _model_index(config))
+        for name, component_config in (("unet", config.unet), ("vae", config.vae),
+                                       ("text_encoder", config.text_encoder)):
+            keymap = _KEYMAPS[name]
+            state_dict = keymap.to_diffusers(getattr(pipe, name).state_dict(), component_config)
+            if dtype is not None:
+                state_dict = {k: t.to(dtype) if t.is_floating_point() else t for k, t in state_dict.items()}
+            (folder / name).mkdir()
+            _write_json(folder / name / "config.json", _component_config_json(name, keymap, config))
+            checkpoints.save_safetensors_atomic(state_dict, folder / name / _WEIGHT_NAMES[name][0],
+                                                metadata={"format": "pt"})
+        pipe.text_encoder.tokenizer.save_pretrained(folder / "tokenizer")
+        (folder / "scheduler").mkdir()
+        _write_json(folder / "scheduler" / "scheduler_config.json", _scheduler_json(config))
+
+
+def _model_index(config: PipelineConfig) -> dict[str, Any]:
+    import diffusers
+
+    return {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", SCHEDULER_CLASSES[config.sampling.sampler]],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+
+
+def _component_config_json(name: str, keymap, config: PipelineConfig) -> dict[str, Any]:
+    import diffusers
+    import transformers
+
+    if name == "unet":  # sample_size tells diffusers the native resolution (in latent pixels)
+        factor = config.vae.downsample_factor
+        values = keymap.diffusers_config(config.unet, sample_size=config.sampling.height // factor)
+    else:
+        values = dict(keymap.diffusers_config(getattr(config, name)))
+    if name == "text_encoder":
+        config = transformers.CLIPTextConfig(**values).to_dict()
+        config["architectures"] = ["CLIPTextModel"]
+        return config
+    class_name = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}[name]
+    return {"_class_name": class_name, "_diffusers_version": diffusers.__version__, **plain_data(values)}
+
+
+# diffusers schedulers that ignore rescale_betas_zero_snr (they would silently sample another schedule)
+_NO_ZERO_SNR_SUPPORT = ("heun",)
+
+
+def _scheduler_json(config: PipelineConfig) -> dict[str, Any]:
+    import diffusers
+
+    sampler = config.sampling.sampler
+    if config.schedule.rescale_betas_zero_snr and sampler in _NO_ZERO_SNR_SUPPORT:
+        raise ConfigError(f"diffusers' {SCHEDULER_CLASSES[sampler]} has no zero-terminal-SNR option; "
+                          f"set sampling.sampler to another sampler before saving in diffusers format")
+    values = {
+        "_class_name": SCHEDULER_CLASSES[sampler],
+        "_diffusers_version": diffusers.__version__,
+        **config.schedule.to_diffusers(),
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "skip_prk_steps": True,
+    }
+    if config.sampling.karras and sampler in ("euler", "euler_ancestral", "heun", "dpmpp_2m"):
+        values["use_karras_sigmas"] = True
+    return values
+
+
+def _weights_file(component_folder: Path, name: str) -> Path:
+    for file_name in _WEIGHT_NAMES[name]:
+        if (component_folder / file_name).is_file():
+            return component_folder / file_name
+    raise CheckpointError(f"no weights in {component_folder} (expected {_WEIGHT_NAMES[name][0]})")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"diffusers folder is missing {path}") from None
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path} is not valid JSON ({error})") from None
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -1,0 +1,588 @@
+"""The cross-attention U-Net of latent diffusion (Rombach et al. 2022), SD 1.x and 2.x layouts.
+
+The network predicts noise (or v) for noisy latents ``x [B, C, H, W]`` at timesteps ``t [B]``,
+conditioned on text tokens ``context [B, L, context_dim]`` through cross-attention.
+
+Structure (CompVis names; a *level* is one spatial resolution, ``ds = 2**level`` its downsample
+factor)::
+
+    time_embed            sinusoidal(t) -> Linear -> SiLU -> Linear           [B, 4*model_channels]
+    input_blocks.0        conv_in
+    input_blocks.{i}      ResBlock (+ SpatialTransformer where ds in attention_resolutions),
+                          num_res_blocks per level, then a Downsample except at the last level
+    middle_block          ResBlock, SpatialTransformer, ResBlock
+    output_blocks.{i}     ResBlock on [h, skip] (+ SpatialTransformer) (+ Upsample at the end of
+                          every level but the first), num_res_blocks + 1 per level
+    out                   GroupNorm -> SiLU -> conv_out
+
+Parameter names equal the original Stable Diffusion checkpoint keys below
+``model.diffusion_model.``, so those weights load without renaming.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ldm.models.attention import attention
+from ldm.config_io import strict_from_dict
+
+logger = logging.getLogger(__name__)
+
+TIMESTEP_MAX_PERIOD = 10_000
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class UNetConfig:
+    """Hyper-parameters of :class:`UNetModel`, with the CompVis YAML names.
+
+    Defaults are Stable Diffusion 1.x. Stable Diffusion 2.x uses ``num_heads=-1,
+    num_head_channels=64, context_dim=1024, use_linear_in_transformer=True``.
+
+    Attributes:
+        in_channels: latent channels in (4; 9 for inpainting models).
+        out_channels: channels predicted.
+        model_channels: base width; level ``l`` has ``model_channels * channel_mult[l]`` channels.
+        channel_mult: width multiplier per level; ``len(channel_mult)`` levels.
+        num_res_blocks: ResBlocks per level on the way down (one more on the way up).
+        attention_resolutions: downsample factors ``2**level`` at which SpatialTransformers sit.
+        num_heads: heads per attention layer (used when ``num_head_channels == -1``).
+        num_head_channels: channels per head; when positive it wins over ``num_heads`` and the
+            number of heads is ``channels // num_head_channels`` (as in CompVis).
+        context_dim: width of the cross-attention tokens.
+        transformer_depth: BasicTransformerBlocks per SpatialTransformer.
+        use_linear_in_transformer: ``proj_in``/``proj_out`` are Linear (SD2) instead of 1x1 conv.
+        upcast_attention: compute attention in float32 (SD 2.1 in half precision).
+        norm_groups: groups of every GroupNorm.
+    """
+
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (4, 2, 1)
+    num_heads: int = 8
+    num_head_channels: int = -1
+    context_dim: int = 768
+    transformer_depth: int = 1
+    use_linear_in_transformer: bool = False
+    upcast_attention: bool = False
+    norm_groups: int = 32
+
+    def __post_init__(self) -> None:
+        self.channel_mult = tuple(int(m) for m in self.channel_mult)
+        # A set of factors; kept in the CompVis YAML order (4, 2, 1) so equal configs compare equal.
+        self.attention_resolutions = tuple(sorted({int(r) for r in self.attention_resolutions}, reverse=True))
+        self._validate()
+
+    # ---- derived quantities ----
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.channel_mult)
+
+    @property
+    def time_embed_dim(self) -> int:
+        return 4 * self.model_channels
+
+    def level_channels(self, level: int) -> int:
+        """Channels of the blocks at ``level``."""
+        return self.model_channels * self.channel_mult[level]
+
+    def has_attention(self, level: int) -> bool:
+        """Whether the blocks at ``level`` carry a SpatialTransformer."""
+        return 2**level in self.attention_resolutions
+
+    def heads_for(self, channels: int) -> tuple[int, int]:
+        """``(num_heads, head_dim)`` of a SpatialTransformer on ``channels`` channels."""
+        if self.num_head_channels > 0:
+            return channels // self.num_head_channels, self.num_head_channels
+        return self.num_heads, channels // self.num_heads
+
+    # ---- (de)serialisation ----
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (lists for tuples) suitable for JSON/YAML."""
+        d = dataclasses.asdict(self)
+        d["channel_mult"] = list(self.channel_mult)
+        d["attention_resolutions"] = list(self.attention_resolutions)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> UNetConfig:
+        """Inverse of :meth:`to_dict`; raises ``ValueError`` naming any unknown key."""
+        return strict_from_dict(cls, d)
+
+    @classmethod
+    def from_compvis(cls, params: Mapping[str, Any]) -> UNetConfig:
+        """Build from the ``model.params.unet_config.params`` dict of a CompVis/SGM YAML.
+
+        Training and precision switches (``use_checkpoint``, ``use_fp16``, ``image_size``, ...)
+        are ignored; features this U-Net does not implement (class conditioning, scale-shift
+        norm, attention blocks without a SpatialTransformer, ...) raise ``ValueError``. Missing
+        keys take the UNetConfig defaults, except ``num_heads`` whose CompVis default is -1.
+        """
+        params = dict(params)
+        for key, required in _COMPVIS_REQUIRED.items():
+            if key in params and not _matches_required(params[key], required):
+                raise ValueError(
+                    f"unsupported CompVis U-Net option {key}={params[key]!r} (supported: {required!r})"
+                )
+        unknown = sorted(set(params) - set(_COMPVIS_FIELDS) - set(_COMPVIS_REQUIRED) - _COMPVIS_IGNORED)
+        if unknown:
+            raise ValueError(f"unknown CompVis U-Net option(s): {', '.join(unknown)}")
+
+        kwargs = {field: params[key] for key, field in _COMPVIS_FIELDS.items() if key in params}
+        kwargs.setdefault("num_heads", -1)  # CompVis default; SD2 YAMLs omit it
+        if kwargs.get("num_head_channels", -1) > 0:
+            kwargs["num_heads"] = -1  # head channels win, as in CompVis
+        depth = kwargs.get("transformer_depth", 1)
+        if isinstance(depth, Iterable):
+            depths = set(depth)
+            if len(depths) != 1:
+                raise ValueError(f"per-level transformer_depth {list(depth)} is not supported")
+            kwargs["transformer_depth"] = depths.pop()
+        if "context_dim" in kwargs and kwargs["context_dim"] is None:
+            raise ValueError("context_dim=None (a U-Net without cross-attention) is not supported")
+        return cls(**kwargs)
+
+    def _validate(self) -> None:
+        if self.num_head_channels <= 0 and self.num_heads <= 0:
+            raise ValueError("set num_heads > 0 or num_head_channels > 0")
+        for name in ("in_channels", "out_channels", "model_channels", "num_res_blocks",
+                     "context_dim", "transformer_depth", "norm_groups"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.channel_mult:
+            raise ValueError("channel_mult must name at least one level")
+        reachable = {2**level for level in range(self.num_levels)}
+        stray = sorted(set(self.attention_resolutions) - reachable)
+        if stray:
+            raise ValueError(
+                f"attention_resolutions {stray} match no level (downsample factors are {sorted(reachable)})"
+            )
+        for level in range(self.num_levels):
+            channels = self.level_channels(level)
+            if channels % self.norm_groups:
+                raise ValueError(f"level {level}: {channels} channels not divisible by norm_groups={self.norm_groups}")
+            if self.has_attention(level) or level == self.num_levels - 1:  # last level: middle block
+                heads, head_dim = self.heads_for(channels)
+                if heads <= 0 or heads * head_dim != channels:
+                    raise ValueError(f"level {level}: {channels} channels cannot be split into heads "
+                                     f"(num_heads={self.num_heads}, num_head_channels={self.num_head_channels})")
+
+
+# CompVis key -> UNetConfig field
+_COMPVIS_FIELDS = {
+    "in_channels": "in_channels",
+    "out_channels": "out_channels",
+    "model_channels": "model_channels",
+    "channel_mult": "channel_mult",
+    "num_res_blocks": "num_res_blocks",
+    "attention_resolutions": "attention_resolutions",
+    "num_heads": "num_heads",
+    "num_head_channels": "num_head_channels",
+    "context_dim": "context_dim",
+    "transformer_depth": "transformer_depth",
+    "use_linear_in_transformer": "use_linear_in_transformer",
+    "upcast_attention": "upcast_attention",
+}
+# CompVis options whose only supported value is the one given (None also accepted for None).
+_COMPVIS_REQUIRED: dict[str, Any] = {
+    "use_spatial_transformer": True,
+    "dims": 2,
+    "conv_resample": True,
+    "dropout": 0.0,
+    "use_scale_shift_norm": False,
+    "resblock_updown": False,
+    "num_classes": None,
+    "n_embed": None,
+    "adm_in_channels": None,
+    "num_attention_blocks": None,
+    "disable_self_attentions": None,
+    "disable_middle_self_attn": False,
+    "transformer_depth_middle": None,
+}
+# Options that do not change the network's function or parameters here.
+_COMPVIS_IGNORED = {
+    "use_checkpoint",  # runtime choice: UNetModel.set_gradient_checkpointing
+    "use_fp16",
+    "use_bf16",
+    "image_size",  # unused by CompVis too
+    "legacy",  # only changes head sizes of non-spatial attention blocks
+    "num_heads_upsample",  # only for non-spatial attention blocks
+    "use_new_attention_order",  # idem
+    "spatial_transformer_attn_type",  # backend choice; see ldm.models.attention
+}
+
+
+def _matches_required(value: Any, required: Any) -> bool:
+    """Whether a CompVis option value equals the only value supported (``None`` ~ ``False``)."""
+    if isinstance(value, (list, tuple)) and not any(value):
+        value = None  # e.g. disable_self_attentions: [False, False, False, False]
+    if value is None:
+        return required is None or required is False
+    return required is not None and value == required
+
+
+# --------------------------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------------------------
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = TIMESTEP_MAX_PERIOD) -> Tensor:
+    """Sinusoidal timestep features as in SD (Vaswani et al. 2017, sec. 3.5; cos half first).
+
+    ``freq_i = max_period ** (-i / half)`` for ``i < half = dim // 2``;
+    ``emb = [cos(t * freq), sin(t * freq)]`` (zero-padded when ``dim`` is odd).
+
+    Args:
+        t: ``[B]`` timesteps, may be fractional.
+        dim: embedding width.
+
+    Returns:
+        ``[B, dim]`` float32.
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    args = t.float()[:, None] * torch.exp(exponent)[None, :]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 and cast back (stable under fp16/bf16)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.float()).to(x.dtype)
+
+
+def _zero(module: nn.Module) -> nn.Module:
+    """Zero-initialise a module's parameters (the residual branch starts as identity)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class _Checkpointable(nn.Module):
+    """Mixin: run ``_forward`` under activation checkpointing when enabled and training."""
+
+    gradient_checkpointing: bool = False
+
+    def forward(self, *args: Any) -> Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(self._forward, *args, use_reentrant=False)
+        return self._forward(*args)
+
+    def _forward(self, *args: Any) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class ResBlock(_Checkpointable):
+    """Residual block with an additive timestep embedding (Ho et al. 2020, appendix B).
+
+    ``h = conv(SiLU(norm(x))) + Linear(SiLU(emb)); out = skip(x) + conv(SiLU(norm(h)))``.
+    """
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int, norm_groups: int) -> None:
+        super().__init__()
+        self.in_layers = nn.Sequential(
+            GroupNorm32(norm_groups, channels),
+            nn.SiLU(),
+            nn.Conv2d(channels, out_channels, 3, padding=1),
+        )
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(
+            GroupNorm32(norm_groups, out_channels),
+            nn.SiLU(),
+            nn.Identity(),  # dropout slot in CompVis (p=0 in SD); keeps the index of the conv
+            _zero(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
+        )
+        self.skip_connection = (
+            nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
+        )
+
+    def _forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        """x ``[B, C_in, H, W]``, emb ``[B, E]`` -> ``[B, C_out, H, W]``."""
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of ``x`` over ``context`` (itself when ``context`` is None)."""
+
+    def __init__(self, query_dim: int, context_dim: int | None, num_heads: int, head_dim: int,
+                 upcast: bool = False) -> None:
+        super().__init__()
+        inner = num_heads * head_dim
+        context_dim = query_dim if context_dim is None else context_dim
+        self.num_heads = num_heads
+        self.upcast = upcast
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Identity())  # [1]: dropout slot
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """x ``[B, L, query_dim]``, context ``[B, Lc, context_dim]`` -> ``[B, L, query_dim]``."""
+        context = x if context is None else context
+        out = attention(self.to_q(x), self.to_k(context), self.to_v(context),
+                        num_heads=self.num_heads, upcast=self.upcast)
+        return self.to_out(out)
+
+
+class GEGLU(nn.Module):
+    """Gated GELU (Shazeer 2020): ``a * gelu(b)`` with ``[a, b] = proj(x)``."""
+
+    def __init__(self, dim_in: int, dim_out: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[..., dim_in] -> [..., dim_out]``."""
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """GEGLU MLP with a 4x hidden width: ``net.0`` GEGLU, ``net.2`` output Linear."""
+
+    def __init__(self, dim: int, mult: int = 4) -> None:
+        super().__init__()
+        hidden = dim * mult
+        self.net = nn.Sequential(GEGLU(dim, hidden), nn.Identity(), nn.Linear(hidden, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm transformer block: self-attention, cross-attention on context, GEGLU MLP."""
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, context_dim: int,
+                 upcast: bool = False) -> None:
+        super().__init__()
+        # Registration order follows CompVis so state dicts list keys in the same order.
+        self.attn1 = CrossAttention(dim, None, num_heads, head_dim, upcast)
+        self.ff = FeedForward(dim)
+        self.attn2 = CrossAttention(dim, context_dim, num_heads, head_dim, upcast)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        """x ``[B, L, dim]``, context ``[B, Lc, context_dim]`` -> ``[B, L, dim]``."""
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(_Checkpointable):
+    """Transformer over the pixels of a feature map, conditioned on ``context``.
+
+    ``norm -> proj_in -> [B, H*W, inner] -> transformer_blocks -> proj_out -> + x``; ``proj_in``/
+    ``proj_out`` are 1x1 convs (SD1, applied on the map) or Linear layers (SD2, on tokens).
+    """
+
+    def __init__(self, channels: int, num_heads: int, head_dim: int, depth: int, context_dim: int,
+                 use_linear: bool, upcast: bool, norm_groups: int) -> None:
+        super().__init__()
+        inner = num_heads * head_dim
+        self.use_linear = use_linear
+        self.norm = GroupNorm32(norm_groups, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, inner) if use_linear else nn.Conv2d(channels, inner, 1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner, num_heads, head_dim, context_dim, upcast) for _ in range(depth)
+        )
+        self.proj_out = _zero(nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1))
+
+    def _forward(self, x: Tensor, context: Tensor) -> Tensor:
+        """x ``[B, C, H, W]``, context ``[B, L, context_dim]`` -> ``[B, C, H, W]``."""
+        batch, _, height, width = x.shape
+        h = self.norm(x)
+        if not self.use_linear:
+            h = self.proj_in(h)
+        h = h.flatten(2).transpose(1, 2)  # [B, H*W, C']
+        if self.use_linear:
+            h = self.proj_in(h)
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        if self.use_linear:
+            h = self.proj_out(h)
+        h = h.transpose(1, 2).reshape(batch, -1, height, width)
+        if not self.use_linear:
+            h = self.proj_out(h)
+        return x + h
+
+
+class Downsample(nn.Module):
+    """Strided 3x3 conv: ``[B, C, H, W] -> [B, C, H/2, W/2]``."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 then 3x3 conv: ``[B, C, H, W] -> [B, C, 2H, 2W]``."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """Sequential that hands ``emb`` to ResBlocks and ``context`` to SpatialTransformers."""
+
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor) -> Tensor:  # type: ignore[override]
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+
+
+class UNetModel(nn.Module):
+    """Cross-attention U-Net with Stable Diffusion 1.x/2.x parameter names.
+
+    ``forward(x [B, in_channels, H, W], t [B], context [B, L, context_dim]) -> [B, out_channels, H, W]``
+    with ``H`` and ``W`` divisible by ``2 ** (len(channel_mult) - 1)``.
+    """
+
+    def __init__(self, config: UNetConfig) -> None:
+        super().__init__()
+        self.config = config
+        base, emb_dim = config.model_channels, config.time_embed_dim
+
+        self.time_embed = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+        self.input_blocks = nn.ModuleList(
+            [TimestepEmbedSequential(nn.Conv2d(config.in_channels, base, 3, padding=1))]
+        )
+        skip_channels = [base]
+        channels = base
+        for level in range(config.num_levels):
+            for _ in range(config.num_res_blocks):
+                layers = self._res_and_attention(channels, config.level_channels(level), level)
+                channels = config.level_channels(level)
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_channels.append(channels)
+            if level != config.num_levels - 1:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(channels)))
+                skip_channels.append(channels)
+
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(channels, emb_dim, channels, config.norm_groups),
+            self._transformer(channels),
+            ResBlock(channels, emb_dim, channels, config.norm_groups),
+        )
+
+        self.output_blocks = nn.ModuleList()
+        for level in reversed(range(config.num_levels)):
+            for index in range(config.num_res_blocks + 1):
+                layers = self._res_and_attention(
+                    channels + skip_channels.pop(), config.level_channels(level), level
+                )
+                channels = config.level_channels(level)
+                if level != 0 and index == config.num_res_blocks:
+                    layers.append(Upsample(channels))
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(
+            GroupNorm32(config.norm_groups, channels),
+            nn.SiLU(),
+            _zero(nn.Conv2d(channels, config.out_channels, 3, padding=1)),
+        )
+
+    def _transformer(self, channels: int) -> SpatialTransformer:
+        cfg = self.config
+        num_heads, head_dim = cfg.heads_for(channels)
+        return SpatialTransformer(channels, num_heads, head_dim, cfg.transformer_depth, cfg.context_dim,
+                                  cfg.use_linear_in_transformer, cfg.upcast_attention, cfg.norm_groups)
+
+    def _res_and_attention(self, in_channels: int, out_channels: int, level: int) -> list[nn.Module]:
+        layers: list[nn.Module] = [
+            ResBlock(in_channels, self.config.time_embed_dim, out_channels, self.config.norm_groups)
+        ]
+        if self.config.has_attention(level):
+            layers.append(self._transformer(out_channels))
+        return layers
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute ResBlock/SpatialTransformer activations in backward (training mode only)."""
+        for module in self.modules():
+            if isinstance(module, _Checkpointable):
+                module.gradient_checkpointing = enabled
+
+    def forward(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
+        """Predict noise (or v) for noisy latents.
+
+        Args:
+            x: ``[B, in_channels, H, W]`` noisy latents.
+            t: ``[B]`` (or scalar) timesteps in ``[0, T)``, may be fractional.
+            context: ``[B, L, context_dim]`` cross-attention tokens.
+
+        Returns:
+            ``[B, out_channels, H, W]``.
+        """
+        factor = 2 ** (self.config.num_levels - 1)
+        if x.shape[-2] % factor or x.shape[-1] % factor:
+            raise ValueError(f"spatial size {tuple(x.shape[-2:])} must be divisible by {factor}")
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        weight_dtype = self.time_embed[0].weight.dtype
+        emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(weight_dtype))
+
+        h = x
+        skips = []
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+        return self.out(h)
+
+
+__all__ = [
+    "UNetConfig",
+    "UNetModel",
+    "timestep_embedding",
+    "ResBlock",
+    "SpatialTransformer",
+    "BasicTransformerBlock",
+    "CrossAttention",
+]

@@ -1,0 +1,357 @@
+"""The noise schedule: betas (float64) -> alphas_cumprod -> sigmas, timestep spacing, sigma chains.
+
+Two equivalent views of the forward process are used in this package:
+
+* variance preserving (VP, DDPM):  ``x_vp = sqrt(alphas_cumprod[t]) * z + sqrt(1 - alphas_cumprod[t]) * eps``
+* sigma scale (VE, Karras et al. 2022): ``x = z + sigma * eps`` with
+  ``sigma = sqrt((1 - alphas_cumprod) / alphas_cumprod)``, so ``x = x_vp * sqrt(1 + sigma^2)``.
+
+The samplers work on the sigma scale; only :class:`ldm.sampling.denoiser.DiscreteDenoiser` converts back
+to the VP input and the discrete timestep ``t`` the U-Net was trained with.
+
+Naming trap: the beta schedule CompVis calls ``"linear"`` (a linspace of sqrt(beta), squared) is
+what diffusers calls ``"scaled_linear"``; CompVis ``"sqrt_linear"`` is diffusers ``"linear"``.
+This module uses the diffusers meaning of the names (``"cosine"`` = diffusers
+``"squaredcos_cap_v2"``); :meth:`ScheduleConfig.from_compvis` translates CompVis names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ldm.config_io import strict_from_dict
+
+BETA_SCHEDULES = ("scaled_linear", "linear", "cosine")
+PREDICTIONS = ("eps", "v")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+
+_DIFFUSERS_BETA_NAMES = {"scaled_linear": "scaled_linear", "linear": "linear", "cosine": "squaredcos_cap_v2"}
+_DIFFUSERS_PREDICTION_NAMES = {"eps": "epsilon", "v": "v_prediction"}
+_COMPVIS_BETA_NAMES = {"linear": "scaled_linear", "sqrt_linear": "linear", "cosine": "cosine"}  # CompVis -> ours
+
+# Which sigma chain each sampler walks; see NoiseSchedule.sampling_sigmas.
+#   "ddpm": the strided discrete chain, ending at sigma = 0 (diffusers DDPMScheduler)
+#   "ddim": the strided discrete chain, ending at sigma(t=0) (DDIMScheduler, set_alpha_to_one=False)
+#   "k":    the Euler-family chain (Euler/EulerAncestral/Heun DiscreteScheduler), ending at 0
+#   "dpm":  the DPMSolverMultistepScheduler chain (its own timestep spacing), ending at 0
+SAMPLER_DISCRETISATION = {
+    "ddpm": "ddpm",
+    "ddim": "ddim",
+    "euler": "k",
+    "euler_ancestral": "k",
+    "heun": "k",
+    "dpmpp_2m": "dpm",
+}
+DISCRETISATIONS = ("ddpm", "ddim", "k", "dpm")
+TERMINAL_ALPHA_BAR = 2.0**-24  # alpha_bar in place of an exact 0 (zero terminal SNR) for sigma = sqrt((1-abar)/abar)
+
+
+@dataclass
+class ScheduleConfig:
+    """The training noise schedule and the model's output parameterisation.
+
+    ``beta_schedule`` uses diffusers' meaning of the names: ``"scaled_linear"`` (Stable Diffusion:
+    betas = linspace(sqrt(beta_start), sqrt(beta_end))^2), ``"linear"`` (betas = linspace(beta_start,
+    beta_end)), ``"cosine"`` (Nichol & Dhariwal 2021, eq. 17; beta_start/beta_end unused).
+    ``timestep_spacing`` and ``steps_offset`` choose the inference timesteps exactly as diffusers
+    does (SD 1.x/2.x ship ``"leading"`` with ``steps_offset=1``, CompVis's DDIM "uniform" spacing).
+    ``rescale_betas_zero_snr`` rescales the betas so that the last step is pure noise (zero terminal
+    SNR, Lin et al. 2024, Algorithm 1); it needs the ``"v"`` prediction, since an eps-prediction
+    carries no information about the image at zero SNR.
+    """
+
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    prediction: str = "eps"
+    timestep_spacing: str = "leading"
+    steps_offset: int = 1
+    rescale_betas_zero_snr: bool = False
+
+    def __post_init__(self) -> None:
+        _check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+        _check_choice("prediction", self.prediction, PREDICTIONS)
+        _check_choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
+        if self.num_train_timesteps < 2:
+            raise ValueError(f"num_train_timesteps must be at least 2, got {self.num_train_timesteps}")
+        if not isinstance(self.rescale_betas_zero_snr, bool):
+            raise ValueError(f"rescale_betas_zero_snr must be true or false, got {self.rescale_betas_zero_snr!r}")
+        if self.rescale_betas_zero_snr and self.prediction != "v":
+            raise ValueError("rescale_betas_zero_snr needs prediction 'v' (at zero SNR the noise says nothing "
+                             "about the image)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ScheduleConfig":
+        return strict_from_dict(cls, d)
+
+    @classmethod
+    def from_diffusers(cls, scheduler_config: dict[str, Any]) -> "ScheduleConfig":
+        """Read a diffusers ``scheduler_config.json`` dict (any of the DDPM-family schedulers).
+
+        Keys this schedule does not model (``clip_sample``, ``skip_prk_steps``, ...) are ignored;
+        missing keys take the defaults of diffusers' DDPM/DDIM/PNDM schedulers (the classes
+        SD checkpoints ship), e.g. ``timestep_spacing="leading"``. Unsupported values raise.
+        """
+        c = scheduler_config
+        if c.get("trained_betas") is not None:
+            raise ValueError("scheduler config with trained_betas is not supported")
+        beta_name = c.get("beta_schedule", "linear")
+        prediction_name = c.get("prediction_type", "epsilon")
+        return cls(
+            num_train_timesteps=int(c.get("num_train_timesteps", 1000)),
+            beta_schedule=_reverse_lookup(_DIFFUSERS_BETA_NAMES, beta_name, "beta_schedule"),
+            beta_start=float(c.get("beta_start", 0.0001)),
+            beta_end=float(c.get("beta_end", 0.02)),
+            prediction=_reverse_lookup(_DIFFUSERS_PREDICTION_NAMES, prediction_name, "prediction_type"),
+            timestep_spacing=c.get("timestep_spacing", "leading"),
+            steps_offset=int(c.get("steps_offset", 0)),
+            rescale_betas_zero_snr=bool(c.get("rescale_betas_zero_snr", False)),
+        )
+
+    def to_diffusers(self) -> dict[str, Any]:
+        """The diffusers scheduler-config keys this schedule determines (no ``_class_name``).
+
+        Includes ``clip_sample=False`` and ``set_alpha_to_one=False``, the values our DDPM/DDIM
+        samplers implement (and Stable Diffusion ships); schedulers without those keys ignore them.
+        """
+        return {
+            "num_train_timesteps": self.num_train_timesteps,
+            "beta_schedule": _DIFFUSERS_BETA_NAMES[self.beta_schedule],
+            "beta_start": self.beta_start,
+            "beta_end": self.beta_end,
+            "prediction_type": _DIFFUSERS_PREDICTION_NAMES[self.prediction],
+            "timestep_spacing": self.timestep_spacing,
+            "steps_offset": self.steps_offset,
+            "rescale_betas_zero_snr": self.rescale_betas_zero_snr,
+            "clip_sample": False,
+            "set_alpha_to_one": False,
+        }
+
+    @classmethod
+    def from_compvis(cls, params: dict[str, Any]) -> "ScheduleConfig":
+        """Read the ``model.params`` of a CompVis/Stability YAML (``linear_start``, ``linear_end``,
+        ``timesteps``, ``beta_schedule``, ``parameterization``); other keys are ignored.
+
+        CompVis sampling uses DDIM "uniform" spacing, which is diffusers ``"leading"`` with
+        ``steps_offset=1``.
+        """
+        compvis_beta = params.get("beta_schedule", "linear")
+        if compvis_beta not in _COMPVIS_BETA_NAMES:
+            raise ValueError(f"unsupported CompVis beta_schedule {compvis_beta!r} (supported: {sorted(_COMPVIS_BETA_NAMES)})")
+        return cls(
+            num_train_timesteps=int(params.get("timesteps", 1000)),
+            beta_schedule=_COMPVIS_BETA_NAMES[compvis_beta],
+            beta_start=float(params.get("linear_start", 1e-4)),
+            beta_end=float(params.get("linear_end", 2e-2)),
+            prediction=params.get("parameterization", "eps"),
+            timestep_spacing="leading",
+            steps_offset=1,
+        )
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _reverse_lookup(ours_to_theirs: dict[str, str], theirs: str, key: str) -> str:
+    for ours, name in ours_to_theirs.items():
+        if name == theirs:
+            return ours
+    raise ValueError(f"unsupported {key} {theirs!r} (supported: {sorted(ours_to_theirs.values())})")
+
+
+def make_betas(config: ScheduleConfig) -> Tensor:
+    """Betas ``[T]`` in float64 for the config's beta schedule (rescaled to zero terminal SNR if asked)."""
+    n = config.num_train_timesteps
+    if config.beta_schedule == "scaled_linear":
+        betas = torch.linspace(config.beta_start**0.5, config.beta_end**0.5, n, dtype=torch.float64) ** 2
+    elif config.beta_schedule == "linear":
+        betas = torch.linspace(config.beta_start, config.beta_end, n, dtype=torch.float64)
+    else:
+        betas = _cosine_betas(n)
+    return rescale_to_zero_terminal_snr(betas) if config.rescale_betas_zero_snr else betas
+
+
+def rescale_to_zero_terminal_snr(betas: Tensor) -> Tensor:
+    """Lin et al. (2024), Algorithm 1: shift and scale sqrt(alpha_bar) so that it is 0 at the last step
+    and unchanged at the first, then recover the betas. float64 ``[T]`` -> ``[T]`` (last beta = 1)."""
+    sqrt_abar = torch.cumprod(1 - betas, dim=0).sqrt()
+    first, last = sqrt_abar[0].clone(), sqrt_abar[-1].clone()
+    sqrt_abar = (sqrt_abar - last) * first / (first - last)
+    abar = sqrt_abar**2
+    alphas = torch.cat([abar[:1], abar[1:] / abar[:-1]])
+    return 1 - alphas
+
+
+def _cosine_betas(n: int, offset: float = 0.008, max_beta: float = 0.999) -> Tensor:
+    """Nichol & Dhariwal (2021) eq. 17: alpha_bar(t) = cos^2((t/T + s) / (1 + s) * pi/2), betas clipped at 0.999."""
+    grid = torch.arange(n + 1, dtype=torch.float64) / n
+    alpha_bar = torch.cos((grid + offset) / (1 + offset) * math.pi / 2) ** 2
+    return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=max_beta)
+
+
+def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
+    """Karras et al. (2022) eq. 5: ``n`` sigmas from sigma_max down to sigma_min, float64 ``[n]``.
+
+    sigma_i = (sigma_max^(1/rho) + i/(n-1) * (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho
+    """
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    max_inv_rho = sigma_max ** (1 / rho)
+    min_inv_rho = sigma_min ** (1 / rho)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def _compute_dtype(device: torch.device) -> torch.dtype:
+    """float64 for schedule arithmetic wherever the device has it."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+class NoiseSchedule:
+    """A discrete DDPM noise schedule seen on the sigma scale.
+
+    Attributes (CPU, float64, each ``[T]`` indexed by the training step ``t``):
+        betas, alphas_cumprod, sigmas (increasing in ``t``), log_sigmas.
+    """
+
+    def __init__(self, config: ScheduleConfig) -> None:
+        self.config = config
+        self.betas = make_betas(config)
+        self.alphas_cumprod = torch.cumprod(1 - self.betas, dim=0)  # alpha_bar_t = prod_{s<=t} (1 - beta_s)
+        # Zero terminal SNR makes sigma(T-1) infinite; like diffusers' Euler and DPM-Solver schedulers,
+        # the sigma view uses alpha_bar = 2^-24 there (sigma ~ 4096). Training uses the exact zero.
+        abar_for_sigmas = self.alphas_cumprod.clamp(min=TERMINAL_ALPHA_BAR)
+        self.sigmas = ((1 - abar_for_sigmas) / abar_for_sigmas).sqrt()
+        self.log_sigmas = self.sigmas.log()
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.config.num_train_timesteps
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+    # ------------------------------------------------------------------ t <-> sigma
+
+    def sigma_to_t(self, sigma: Tensor) -> Tensor:
+        """Continuous timestep for each sigma: linear interpolation in log-sigma between the two
+        neighbouring training steps (k-diffusion / diffusers Euler), clamped to ``[0, T-1]``.
+
+        Args: sigma ``[...]`` (any float dtype/device). Returns t ``[...]`` in sigma's dtype.
+        """
+        dtype = _compute_dtype(sigma.device)
+        log_sigmas = self.log_sigmas.to(sigma.device, dtype)
+        log_sigma = sigma.to(dtype).clamp(min=1e-10).log()
+        # low = the last training step whose log-sigma is <= log_sigma (log_sigmas is increasing)
+        low = (torch.searchsorted(log_sigmas, log_sigma.contiguous(), right=True) - 1).clamp(0, len(log_sigmas) - 2)
+        high = low + 1
+        w = ((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[high])).clamp(0, 1)
+        return (low.to(dtype) + w).to(sigma.dtype)
+
+    def t_to_sigma(self, t: Tensor) -> Tensor:
+        """Sigma at continuous timesteps ``t [...]`` in ``[0, T-1]``, log-linear between training
+        steps: the exact inverse of :meth:`sigma_to_t`. Returns ``[...]`` in t's float dtype."""
+        dtype = _compute_dtype(t.device)
+        out_dtype = t.dtype if t.is_floating_point() else torch.float32
+        log_sigmas = self.log_sigmas.to(t.device, dtype)
+        t = t.to(dtype).clamp(0, len(log_sigmas) - 1)
+        low = t.floor().long().clamp(max=len(log_sigmas) - 2)
+        w = t - low.to(dtype)
+        log_sigma = (1 - w) * log_sigmas[low] + w * log_sigmas[low + 1]
+        return log_sigma.exp().to(out_dtype)
+
+    # ------------------------------------------------------------------ inference discretisation
+
+    def timesteps(self, num_steps: int, *, sampler: str = "ddim") -> Tensor:
+        """The descending inference timesteps diffusers uses, float64 ``[num_steps]``.
+
+        Follows ``config.timestep_spacing`` / ``steps_offset`` as diffusers' DDIM/DDPM/Euler
+        schedulers do; for the ``"dpm"`` discretisation (``sampler="dpmpp_2m"``) as
+        DPMSolverMultistepScheduler does (it divides the range into ``num_steps + 1`` parts).
+        Values are whole numbers except for Euler-family ``"linspace"`` spacing.
+        """
+        kind = _discretisation(sampler)
+        n_train, spacing, offset = self.num_train_timesteps, self.config.timestep_spacing, self.config.steps_offset
+        if not 1 <= num_steps <= n_train:
+            raise ValueError(f"num_steps must be in [1, {n_train}], got {num_steps}")
+        if kind == "dpm":
+            if spacing == "linspace":
+                t = np.linspace(0, n_train - 1, num_steps + 1).round()[::-1][:-1]
+            elif spacing == "leading":
+                ratio = n_train // (num_steps + 1)
+                t = (np.arange(num_steps + 1) * ratio).round()[::-1][:-1] + offset
+            else:
+                t = np.arange(n_train, 0, -n_train / num_steps).round() - 1
+        else:
+            if spacing == "linspace":
+                t = np.linspace(0, n_train - 1, num_steps)[::-1]
+                t = t if kind == "k" else t.round()
+            elif spacing == "leading":
+                ratio = n_train // num_steps
+                t = (np.arange(num_steps) * ratio).round()[::-1] + offset
+            else:
+                t = np.arange(n_train, 0, -n_train / num_steps).round() - 1
+        if kind == "k" and spacing == "linspace":
+            t = t.astype(np.float32)  # diffusers' Euler family keeps float32 fractional timesteps
+        return torch.tensor(t.tolist(), dtype=torch.float64)
+
+    def sampling_sigmas(self, num_steps: int, *, sampler: str, karras: bool = False) -> Tensor:
+        """The descending sigma chain a sampler walks: float32 ``[num_steps + 1]``.
+
+        ``sigmas[i]`` is the noise level before step ``i`` and ``sigmas[i+1]`` after it. The chain is
+        the one of the diffusers scheduler that matches ``sampler`` (see SAMPLER_DISCRETISATION):
+
+        * ``"ddpm"``: sigma at each inference timestep, then 0 (DDPMScheduler's last step lands on
+          alpha_bar = 1).
+        * ``"ddim"``: sigma at each inference timestep, then sigma(t=0) = sqrt(beta_0 / (1 - beta_0)),
+          as DDIMScheduler with ``set_alpha_to_one=False`` (Stable Diffusion's setting). The result
+          of such a chain is still noisy at sigma(0) ~ 0.03; :func:`ldm.sampling.samplers.final_latents`
+          converts it to diffusers' latent scale. (diffusers' DDIM steps to ``t - T//n``, which is
+          the next timestep for "leading" spacing; we always step to the next timestep.)
+        * ``"k"`` (euler, euler_ancestral, heun): sigma at each timestep, then 0.
+        * ``"dpm"`` (dpmpp_2m): sigma at DPMSolverMultistep's timesteps, then 0.
+
+        With ``karras=True`` the ``num_steps`` sigmas follow Karras et al. (2022) eq. 5 with rho=7,
+        then the same final entry. As in diffusers, the "k" chain spans sigma(t_last)..sigma(t_first)
+        of the spaced timesteps, while the "dpm" chain spans the full training range
+        sigma(0)..sigma(T-1). (diffusers' DDPM/DDIM have no Karras option; we span as "k".)
+
+        Fractional timesteps (Euler-family "linspace" spacing) get log-linearly interpolated sigmas
+        (:meth:`t_to_sigma`); diffusers interpolates sigma linearly there, a difference < 1e-3
+        relative.
+        """
+        kind = _discretisation(sampler)
+        t = self.timesteps(num_steps, sampler=sampler)
+        if not karras:
+            sigmas = self.t_to_sigma(t)
+        elif kind == "dpm":
+            sigmas = karras_sigmas(num_steps, self.sigma_min, self.sigma_max)
+        else:
+            sigmas = karras_sigmas(num_steps, float(self.t_to_sigma(t[-1])), float(self.t_to_sigma(t[0])))
+        final = self.sigma_min if kind == "ddim" else 0.0
+        return torch.cat([sigmas, sigmas.new_tensor([final])]).to(torch.float32)
+
+
+def _discretisation(sampler: str) -> str:
+    """Map a sampler name (or a discretisation name) to its discretisation."""
+    if sampler in DISCRETISATIONS:
+        return sampler
+    if sampler in SAMPLER_DISCRETISATION:
+        return SAMPLER_DISCRETISATION[sampler]
+    raise ValueError(f"unknown sampler {sampler!r} (choose from {sorted(SAMPLER_DISCRETISATION)})")
