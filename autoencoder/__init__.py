@@ -1,7 +1,7 @@
 """autoencoder: the KL-regularised image autoencoder that maps images to latents.
 
 Public API:
-    AutoencoderConfig   hyper-parameters (CompVis ``ddconfig`` reader: ``AutoencoderConfig.from_compvis``)
+    AutoencoderConfig   hyper-parameters (CompVis ``ddconfig`` reader: ``ldm.formats.compvis.vae_config_from_compvis``)
     AutoencoderKL       ``encode``/``decode`` (raw latents), ``encode_latents``/``decode_latents``
                         (``z = latent * scaling_factor``), ``forward`` -> (reconstruction, posterior)
     DiagonalGaussian    the encoder's posterior: ``mean``, ``logvar``, ``std``, ``sample``, ``mode``, ``kl``

@@ -14,10 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from autoencoder.model import AutoencoderConfig
-from ldm.config_io import strict_from_dict
+from ldm.config_io import plain_data, read_yaml, strict_from_dict, write_yaml
 from ldm.errors import ConfigError
 from ldm.sampling.schedule import ScheduleConfig
 from ldm.sampling.signal_leak import SignalLeak
@@ -100,26 +98,9 @@ def _strip_quotes(error: Exception) -> str:
 
 def load_config(path: str | Path) -> PipelineConfig:
     """Read a pipeline ``config.yaml`` strictly (see module docstring)."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
-    return PipelineConfig.from_dict(data or {}, source=str(path))
+    return PipelineConfig.from_dict(read_yaml(path) or {}, source=str(path))
 
 
 def save_config(config: PipelineConfig, path: str | Path) -> None:
     """Write ``config`` as YAML (tuples become lists; ``load_config`` turns them back)."""
-    text = yaml.safe_dump(plain_data(config.to_dict()), sort_keys=False)
-    Path(path).write_text(text, encoding="utf-8")
-
-
-def plain_data(value: Any) -> Any:
-    """Tuples -> lists, recursively, so YAML and JSON writers emit plain data."""
-    if isinstance(value, dict):
-        return {k: plain_data(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain_data(v) for v in value]
-    return value
+    write_yaml(config.to_dict(), path)

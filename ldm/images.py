@@ -15,16 +15,7 @@ from typing import Any, Sequence
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-# Our sampler names -> the names the AUTOMATIC1111 web UI writes.
-A1111_SAMPLER_NAMES = {
-    "ddpm": "DDPM",
-    "ddim": "DDIM",
-    "euler": "Euler",
-    "euler_ancestral": "Euler a",
-    "heun": "Heun",
-    "dpmpp_2m": "DPM++ 2M",
-}
-
+from ldm.sampling.registry import SAMPLER_INFO
 
 def a1111_parameters(
     prompt: str,
@@ -42,7 +33,7 @@ def a1111_parameters(
     """The ``parameters`` text AUTOMATIC1111 writes for one image."""
     fields = {
         "Steps": steps,
-        "Sampler": A1111_SAMPLER_NAMES.get(sampler, sampler),
+        "Sampler": SAMPLER_INFO[sampler].a1111_name if sampler in SAMPLER_INFO else sampler,
         "Schedule type": "Karras" if karras else "Automatic",
         "CFG scale": f"{guidance_scale:g}",
         "Seed": seed,

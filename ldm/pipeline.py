@@ -13,6 +13,7 @@ Face hub id when there is a network.
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 from dataclasses import replace
@@ -25,6 +26,8 @@ from PIL import Image
 
 from autoencoder.model import AutoencoderKL
 from ldm.formats import checkpoints
+from ldm.formats.diffusers_folder import load_diffusers_folder, save_diffusers_folder
+from ldm.formats.single_file import read_single_file
 from ldm.config import PipelineConfig, SamplingDefaults, load_config, save_config
 from ldm.sampling.denoiser import DiscreteDenoiser, cfg_denoiser
 from ldm.errors import CheckpointError, ConfigError
@@ -41,6 +44,7 @@ NATIVE_CONFIG = "config.yaml"
 NATIVE_WEIGHTS = "model.safetensors"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
+AUTO_TILING_PIXELS = 1024 * 1024  # decode in tiles above this image area (memory, not quality)
 ProgressFn = Callable[[int, int], None]  # (steps done, total steps)
 
 
@@ -104,8 +108,6 @@ class Txt2ImgPipeline:
         if (folder / NATIVE_CONFIG).is_file():
             pipe = cls._from_native_folder(folder)
         elif (folder / "model_index.json").is_file():
-            from ldm.formats.diffusers_folder import load_diffusers_folder
-
             config, parts = load_diffusers_folder(folder)
             pipe = cls._from_parts(config, parts, source=str(folder))
         else:
@@ -141,8 +143,6 @@ class Txt2ImgPipeline:
         Raises:
             CheckpointError / ConfigError: one-line messages (see :mod:`ldm.formats.single_file`).
         """
-        from ldm.formats.single_file import read_single_file
-
         checkpoint = read_single_file(path, config, prediction=prediction, vae=vae, ema=ema)
         pipe = cls._from_parts(checkpoint.config, checkpoint.parts, source=str(path))
         return pipe.to(device, dtype)
@@ -178,8 +178,6 @@ class Txt2ImgPipeline:
         """
         path = Path(path)
         if format == "diffusers":
-            from ldm.formats.diffusers_folder import save_diffusers_folder
-
             save_diffusers_folder(self, path, dtype=dtype)
             return
         if format != "native":
@@ -241,6 +239,7 @@ class Txt2ImgPipeline:
         progress: ProgressFn | None = None,
         output_type: str = "pil",
         batch_invariant: bool = True,
+        vae_tiling: bool | None = None,
     ) -> list[Image.Image] | torch.Tensor:
         """Generate images.
 
@@ -262,6 +261,8 @@ class Txt2ImgPipeline:
                 (default). ``False`` runs all images as one batch: faster on a GPU, equal to within
                 float rounding.
             output_type: ``"pil"`` (list of images) or ``"pt"`` (tensor ``[B, 3, H, W]`` in [0, 1]).
+            vae_tiling: decode in overlapping tiles (bounded memory, see :meth:`decode`); ``None``:
+                when the image has more than :data:`AUTO_TILING_PIXELS` pixels.
         """
         options = self.sampling_options(steps=steps, guidance_scale=guidance_scale, sampler=sampler,
                                         height=height, width=width, eta=eta, karras=karras, signal_leak=signal_leak)
@@ -275,41 +276,58 @@ class Txt2ImgPipeline:
         for start in range(0, len(prompts), chunk):
             done_before = start * options.steps
             report = (lambda done, d=done_before: progress(d + done, total_steps)) if progress else None
-            images.append(self._generate(prompts[start:start + chunk], negatives[start:start + chunk],
-                                         seeds[start:start + chunk], options, report))
+            z = self._generate(prompts[start:start + chunk], negatives[start:start + chunk],
+                               seeds[start:start + chunk], options, report)
+            images.append(self.decode(z, tiled=vae_tiling))
         images = torch.cat(images)
         return images if output_type == "pt" else to_pil(images)
 
     def _generate(self, prompts: list[str], negatives: list[str], seeds: list[int], options,
                   progress: Callable[[int], None] | None) -> torch.Tensor:
-        """Algorithm 2 for one batch: images ``[B, 3, H, W]`` in [0, 1] on the CPU."""
+        """Algorithm 2 for one batch: final latents ``z [B, C, h, w]`` (float32, diffusers' scale)."""
         # Classifier-free guidance (Ho & Salimans 2022): one batched U-Net call on [uncond, cond].
         context = self.encode_prompt(prompts)
         uncond_context = self.encode_prompt(negatives) if options.guidance_scale != 1 else None
         spec = SAMPLERS[options.sampler]
-        denoiser = DiscreteDenoiser(self._unet_fn, self.schedule, self.config.schedule.prediction,
+        denoiser = DiscreteDenoiser(self.unet_prediction, self.schedule, self.config.schedule.prediction,
                                     round_timesteps=options.karras and spec.diffusers_rounds_karras_timesteps)
         denoise = cfg_denoiser(denoiser, context, uncond_context, options.guidance_scale)
 
         sigmas = self.schedule.sampling_sigmas(options.steps, sampler=options.sampler, karras=options.karras)
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        x = self._starting_point(generators, sigmas, options)
+        x = self.starting_point(generators, sigmas, options)
 
         callback = (lambda i, *_: progress(i + 1)) if progress else None
         sampler_options = {"eta": options.eta} if "eta" in spec.options else {}
         x = spec.fn(denoise, x, sigmas, generator=generators, callback=callback, **sampler_options)
 
-        z = final_latents(x, sigmas, sampler=options.sampler)
-        images = self.vae.decode_latents(z.to(self.dtype)).float()
+        return final_latents(x, sigmas, sampler=options.sampler)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, *, tiled: bool | None = None) -> torch.Tensor:
+        """Latents ``z [B, C, h, w]`` -> images ``[B, 3, H, W]`` in [0, 1], float32 on the CPU.
+
+        ``tiled``: decode overlapping tiles one at a time (:mod:`autoencoder.tiling`: bounded memory,
+        seams blended, close to but not bitwise the whole); ``None``: above :data:`AUTO_TILING_PIXELS`.
+        A float16 VAE whose output overflows (SDXL's VAE is known to) is decoded again in float32.
+        """
+        f = self.vae.downsample_factor
+        if tiled is None:
+            tiled = z.shape[-2] * z.shape[-1] * f * f > AUTO_TILING_PIXELS
+        vae_dtype = next(self.vae.parameters()).dtype
+        images = self.vae.decode_latents(z.to(vae_dtype), tiled=tiled).float()
+        if vae_dtype == torch.float16 and not torch.isfinite(images).all():
+            logger.warning("the VAE overflowed in float16; decoding again in float32")
+            images = copy.deepcopy(self.vae).float().decode_latents(z.float(), tiled=tiled)
         return (images / 2 + 0.5).clamp(0, 1).cpu()
 
-    def _unet_fn(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def unet_prediction(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """The U-Net in its own dtype, with float32 in and out for the sampler's arithmetic."""
         return self.unet(x.to(self.dtype), t, context.to(self.dtype)).float()
 
-    def _starting_point(self, generators: list[torch.Generator], sigmas: torch.Tensor, options) -> torch.Tensor:
+    def starting_point(self, generators: list[torch.Generator], sigmas: torch.Tensor, options) -> torch.Tensor:
         """``x [B, C, h, w]`` at ``sigmas[0]`` on the sigma scale: scaled noise, plus the signal leak if any."""
-        noise = self._initial_noise(generators, options.height, options.width)
+        noise = self.initial_noise(generators, options.height, options.width)
         x = initial_latents(noise, sigmas, sampler=options.sampler,
                             timestep_spacing=self.config.schedule.timestep_spacing)
         if options.signal_leak is not None:
@@ -329,9 +347,9 @@ class Txt2ImgPipeline:
         generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(num_images)]
         scale = initial_latents(torch.ones(()), sigmas, sampler=options.sampler,
                                 timestep_spacing=self.config.schedule.timestep_spacing)
-        return self._starting_point(generators, sigmas, options) / scale
+        return self.starting_point(generators, sigmas, options) / scale
 
-    def _initial_noise(self, generators: list[torch.Generator], height: int, width: int) -> torch.Tensor:
+    def initial_noise(self, generators: list[torch.Generator], height: int, width: int) -> torch.Tensor:
         """Unit Gaussian noise ``[B, C, H/f, W/f]``, row ``i`` drawn from ``generators[i]`` on the CPU."""
         f = self.vae.downsample_factor
         shape = (self.config.unet.in_channels, height // f, width // f)

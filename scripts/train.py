@@ -1,64 +1,9 @@
 #!/usr/bin/env python
-"""Train or fine-tune a text-to-image model (full, or LoRA); resumable, multi-GPU through accelerate.
+"""``python scripts/train.py --help``: the same command as the installed ``tinysd-train`` (see :mod:`ldm.cli.train`)."""
 
-    python scripts/train.py --config configs/finetune-example.yaml [training.lr=1e-5 data.source=my_images ...]
-    accelerate launch scripts/train.py --config configs/lora-example.yaml     # several GPUs / mixed precision
-    ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 scripts/train.py --config ...   # several CPU processes
-    python scripts/train.py --config configs/default-model.yaml --run-dir runs/default   # the default model
-
-``key=value`` pairs override the config by dotted path (values are YAML: ``training.lora.rank=16``);
-an unknown key is an error. Re-running the same command resumes from the newest checkpoint in
---run-dir (weights, optimizer, EMA, RNG and data position); ``--resume latest`` insists on one.
-``--export`` only writes the newest checkpoint's (EMA) weights to ``output``. See ldm/training/trainer.py.
-"""
-
-from __future__ import annotations
-
-import logging
-import os
 import sys
-from pathlib import Path
 
-
-from ldm.cli import OneLineErrorParser  # noqa: E402
-
-
-def parse_args(argv: list[str] | None):
-    parser = OneLineErrorParser(prog="train.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, required=True, help="training YAML (configs/*.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
-    parser.add_argument("--run-dir", type=Path,
-                        help="checkpoints, logs, validation grids (default: run_dir in the config, else runs/<name>)")
-    parser.add_argument("--resume", choices=("auto", "latest"), default="auto",
-                        help="auto: continue when the run dir has checkpoints; latest: require one")
-    parser.add_argument("--steps", type=int, help="shortcut for training.steps=N")
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
-    parser.add_argument("--export", action="store_true", help="only export the newest checkpoint")
-    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    main_process = int(os.environ.get("RANK", "0")) == 0  # set by accelerate launch / torchrun
-    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING, format="%(asctime)s %(message)s")
-    import torch
-
-    from ldm.errors import LdmError
-    from ldm.training.trainer import read_run_config, train
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    overrides = list(args.overrides) + ([f"training.steps={args.steps}"] if args.steps else [])
-    try:
-        config = read_run_config(args.config, overrides)
-        run_dir = args.run_dir or Path(config.run_dir or Path("runs") / args.config.stem)
-        train(config, run_dir, resume=args.resume, export_only=args.export, progress=not args.no_progress)
-    except LdmError as error:
-        print(f"train.py: error: {error}", file=sys.stderr)
-        return 2
-    return 0
-
+from ldm.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

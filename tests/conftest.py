@@ -51,24 +51,13 @@ def tiny_pipeline(seed: int = 0, **kwargs):
     """A :class:`ldm.Txt2ImgPipeline` with seeded random weights."""
     import torch
 
+    from ldm.models.builder import perturb_zero_initialised
     from ldm.pipeline import Txt2ImgPipeline
 
     torch.manual_seed(seed)
     pipe = Txt2ImgPipeline.from_config(tiny_pipeline_config(**kwargs))
-    _perturb_zero_init(pipe)
+    perturb_zero_initialised([pipe.unet, pipe.vae])  # real signal through every path
     return pipe
-
-
-def _perturb_zero_init(pipe) -> None:
-    """Give zero-initialised output layers small random values so every path carries signal."""
-    import torch
-
-    generator = torch.Generator().manual_seed(1234)
-    with torch.no_grad():
-        for module in (pipe.unet, pipe.vae):
-            for parameter in module.parameters():
-                if parameter.abs().max() == 0 and parameter.dim() > 1:
-                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
 
 
 @pytest.fixture

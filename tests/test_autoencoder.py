@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussian
+from ldm.formats.compvis import vae_config_from_compvis
 from ldm.formats.vae_keys import config_from_diffusers, diffusers_config, from_diffusers, key_map, to_diffusers
 
 diffusers = pytest.importorskip("diffusers")
@@ -111,7 +112,7 @@ def test_mid_attention_changes_the_output():
 
 
 def test_sd1_layout_maps_one_to_one_onto_diffusers():
-    cfg = AutoencoderConfig.from_compvis(SD_DDCONFIG, embed_dim=4, scaling_factor=0.18215)
+    cfg = vae_config_from_compvis(SD_DDCONFIG, embed_dim=4, scaling_factor=0.18215)
     assert cfg == AutoencoderConfig()
     with torch.device("meta"):
         ours = AutoencoderKL(cfg)
@@ -310,11 +311,11 @@ def test_config_dict_round_trip_and_unknown_key():
 def test_config_validation_and_compvis_reader():
     with pytest.raises(ValueError, match="norm_groups"):
         AutoencoderConfig(base_channels=12, norm_groups=8)
-    no_attention = AutoencoderConfig.from_compvis({**SD_DDCONFIG, "attn_type": "none"}, embed_dim=4)
+    no_attention = vae_config_from_compvis({**SD_DDCONFIG, "attn_type": "none"}, embed_dim=4)
     assert no_attention.mid_attention is False
     with pytest.raises(ValueError, match="attn_resolutions"):
-        AutoencoderConfig.from_compvis({**SD_DDCONFIG, "attn_resolutions": [32]}, embed_dim=4)
+        vae_config_from_compvis({**SD_DDCONFIG, "attn_resolutions": [32]}, embed_dim=4)
     with pytest.raises(ValueError, match="embed_dim"):
-        AutoencoderConfig.from_compvis(SD_DDCONFIG, embed_dim=3)
+        vae_config_from_compvis(SD_DDCONFIG, embed_dim=3)
     with pytest.raises(ValueError, match="chanels"):
-        AutoencoderConfig.from_compvis({**SD_DDCONFIG, "chanels": 3}, embed_dim=4)
+        vae_config_from_compvis({**SD_DDCONFIG, "chanels": 3}, embed_dim=4)

@@ -18,10 +18,10 @@ SCRIPT = ROOT / "scripts" / "txt2img.py"
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("txt2img_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The command's module (``scripts/txt2img.py`` and ``tinysd-txt2img`` both call its ``main``)."""
+    from ldm.cli import txt2img
+
+    return txt2img
 
 
 @pytest.fixture(scope="module")
@@ -55,20 +55,47 @@ def test_writes_numbered_pngs_with_a1111_parameters_and_never_overwrites(tmp_pat
     assert parameters["Sampler"] == "Euler" and parameters["CFG scale"] == "5"
 
 
-def test_n_samples_in_batches_use_consecutive_seeds_and_make_a_grid(tmp_path, model_dir):
+def _unet_batch_sizes(monkeypatch) -> list[int]:
+    """Record the batch size of every U-Net call (guidance doubles it: [uncond, cond])."""
+    from ldm.models.unet import UNetModel
+
+    sizes, forward = [], UNetModel.forward
+    monkeypatch.setattr(UNetModel, "forward", lambda self, x, *a, **k: sizes.append(x.shape[0]) or forward(self, x, *a, **k))
+    return sizes
+
+
+def _pixels(image: Image.Image) -> torch.Tensor:
+    return torch.tensor(list(image.convert("RGB").getdata()), dtype=torch.int16)
+
+
+def test_n_samples_use_consecutive_seeds_and_make_a_grid_bitwise_with_batch_size_1(tmp_path, model_dir, monkeypatch):
     from ldm.pipeline import Txt2ImgPipeline
 
     script = load_script()
+    sizes = _unet_batch_sizes(monkeypatch)
     assert script.main(["a blue car", "--model", str(model_dir), "--outdir", str(tmp_path), "--seed", "20",
-                        "--n-samples", "3", "--batch-size", "2", "--steps", "2", "--quiet"]) == 0
+                        "--n-samples", "3", "--steps", "2", "--quiet"]) == 0
+    assert set(sizes) == {2}  # one image (x2 for guidance) per U-Net call
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["00000-20.png", "00001-21.png", "00002-22.png", "00003-grid.png"]
     pipe = Txt2ImgPipeline.from_pretrained(model_dir)
     for seed, name in zip((20, 21, 22), names):
         expected = pipe("a blue car", seed=seed, steps=2)[0]
-        assert torch.equal(torch.tensor(list(expected.getdata())),
-                           torch.tensor(list(Image.open(tmp_path / name).convert("RGB").getdata())))
+        assert torch.equal(_pixels(expected), _pixels(Image.open(tmp_path / name)))
     assert Image.open(tmp_path / "00003-grid.png").size == (64, 64)
+
+
+def test_batch_size_really_batches_and_stays_close_to_single_images(tmp_path, model_dir, monkeypatch):
+    script = load_script()
+    sizes = _unet_batch_sizes(monkeypatch)
+    assert script.main(["a blue car", "--model", str(model_dir), "--outdir", str(tmp_path / "batched"), "--seed", "20",
+                        "--n-samples", "3", "--batch-size", "2", "--steps", "2", "--quiet", "--no-grid"]) == 0
+    assert sizes == [4, 4, 2, 2]  # seeds 20+21 together, then 22 alone; 2 steps each
+    assert script.main(["a blue car", "--model", str(model_dir), "--outdir", str(tmp_path / "single"), "--seed", "20",
+                        "--n-samples", "3", "--steps", "2", "--quiet", "--no-grid"]) == 0
+    for name in ("00000-20.png", "00001-21.png", "00002-22.png"):
+        difference = _pixels(Image.open(tmp_path / "batched" / name)) - _pixels(Image.open(tmp_path / "single" / name))
+        assert difference.abs().max() <= 1  # float rounding of batched kernels, at most one uint8 level
 
 
 def test_from_file_reads_one_prompt_per_line(tmp_path, model_dir):

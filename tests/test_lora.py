@@ -60,9 +60,9 @@ def trained_lora_file(base, path, *, rank=4, alpha=2.0, seed=1, text=True, targe
 @torch.no_grad()
 def apply_by_hand(pipe, files_and_scales) -> None:
     """Oracle: W += scale * alpha / r * up @ down for every entry of every file (kohya semantics)."""
-    from ldm.formats.lora import _lookup_tables
+    from ldm.formats.lora import layer_lookup_table
 
-    table = _lookup_tables({"unet": pipe.unet, "text_encoder": pipe.text_encoder})
+    table = layer_lookup_table({"unet": pipe.unet, "text_encoder": pipe.text_encoder})
     modules = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
     for path, scale in files_and_scales:
         tensors = load_file(str(path))
@@ -210,9 +210,9 @@ def test_compvis_and_diffusers_peft_key_layouts_load_the_same(base, tmp_path):
 
 
 def _diffusers_module_path(kohya_name: str, base) -> str:
-    from ldm.formats.lora import _lookup_tables
+    from ldm.formats.lora import layer_lookup_table
 
-    table = _lookup_tables({"unet": base.unet, "text_encoder": base.text_encoder})
+    table = layer_lookup_table({"unet": base.unet, "text_encoder": base.text_encoder})
     ours = table[kohya_name][1]
     return next(k[len("unet."):] for k, v in table.items() if k.startswith("unet.") and v == ("unet", ours))
 

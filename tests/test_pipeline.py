@@ -143,7 +143,7 @@ def test_guidance_scale_one_equals_the_conditional_model_alone(pipe):
 
     guided = pipe(PROMPT, "anything at all", guidance_scale=1.0, seed=3, sampler="euler", output_type="pt")
     context = pipe.encode_prompt([PROMPT])
-    denoiser = DiscreteDenoiser(pipe._unet_fn, pipe.schedule, "eps")
+    denoiser = DiscreteDenoiser(pipe.unet_prediction, pipe.schedule, "eps")
     sigmas = pipe.schedule.sampling_sigmas(4, sampler="euler")
     noise = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(3))
     x = SAMPLERS["euler"].fn(lambda x, s: denoiser(x, s, context), initial_latents(noise, sigmas, sampler="euler"),

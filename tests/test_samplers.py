@@ -8,6 +8,7 @@ seeded generator for per-step noise (diffusers' ``randn_tensor`` draws the same 
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import diffusers
@@ -15,11 +16,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ldm.formats.compvis import schedule_config_from_compvis
+from ldm.formats.diffusers_folder import schedule_config_from_diffusers, schedule_config_to_diffusers
 from ldm.sampling.denoiser import DiscreteDenoiser, cfg_denoiser
+from ldm.sampling.registry import DISCRETISATIONS, SAMPLER_NAMES
 from ldm.sampling.samplers import SAMPLERS, ancestral_split, final_latents, initial_latents, randn_like_rows
 from ldm.sampling.schedule import (
     BETA_SCHEDULES,
-    SAMPLER_DISCRETISATION,
     NoiseSchedule,
     ScheduleConfig,
     karras_sigmas,
@@ -60,7 +63,7 @@ class ToyNetwork(torch.nn.Module):
 
 
 def _diffusers_scheduler(name: str, config: ScheduleConfig, karras: bool):
-    scheduler_config = config.to_diffusers()
+    scheduler_config = schedule_config_to_diffusers(config)
     if karras:
         scheduler_config["use_karras_sigmas"] = True
     return getattr(diffusers, SAMPLERS[name].diffusers_class).from_config(scheduler_config)
@@ -165,7 +168,7 @@ def test_ancestral_with_per_row_generators_matches_diffusers(name):
 def test_alphas_cumprod_match_diffusers(beta_schedule):
     config = ScheduleConfig(beta_schedule=beta_schedule)
     ours = NoiseSchedule(config)
-    theirs = diffusers.DDPMScheduler.from_config(config.to_diffusers())
+    theirs = diffusers.DDPMScheduler.from_config(schedule_config_to_diffusers(config))
     assert ours.betas.dtype == torch.float64
     assert (ours.alphas_cumprod - theirs.alphas_cumprod.double()).abs().max() < 1e-6
 
@@ -175,7 +178,7 @@ def test_zero_terminal_snr_rescaling_matches_diffusers_and_lin_et_al(beta_schedu
     plain = NoiseSchedule(ScheduleConfig(beta_schedule=beta_schedule, prediction="v"))
     config = ScheduleConfig(beta_schedule=beta_schedule, prediction="v", rescale_betas_zero_snr=True)
     ours = NoiseSchedule(config)
-    theirs = diffusers.DDPMScheduler.from_config(config.to_diffusers())
+    theirs = diffusers.DDPMScheduler.from_config(schedule_config_to_diffusers(config))
     assert (ours.alphas_cumprod - theirs.alphas_cumprod.double()).abs().max() < 1e-6
     # Lin et al. 2024, Algorithm 1: sqrt(alpha_bar) is 0 at the last step and unchanged at the first
     assert ours.alphas_cumprod[-1] == 0
@@ -245,7 +248,7 @@ def test_initial_latents_scale_matches_diffusers_init_noise_sigma():
             ours = initial_latents(noise, sigmas, sampler=name, timestep_spacing=spacing).item()
             sigma_0 = float(sigmas[0])
             # on the sigma scale, diffusers' VP schedulers (scale_model_input = identity) start at sqrt(1 + sigma_0^2)
-            vp_scheduler = SAMPLER_DISCRETISATION[name] != "k"
+            vp_scheduler = SAMPLERS[name].discretisation != "k"
             theirs = math.sqrt(1 + sigma_0**2) if vp_scheduler else float(scheduler.init_noise_sigma)
             assert ours == pytest.approx(theirs, rel=1e-5), (name, spacing)
 
@@ -268,26 +271,26 @@ def test_schedule_config_diffusers_names():
         "clip_sample": False, "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
         "steps_offset": 1, "trained_betas": None,
     }
-    assert ScheduleConfig.from_diffusers(sd15) == ScheduleConfig()
+    assert schedule_config_from_diffusers(sd15) == ScheduleConfig()
     sd2v = {**sd15, "prediction_type": "v_prediction", "timestep_spacing": "leading"}
-    assert ScheduleConfig.from_diffusers(sd2v).prediction == "v"
+    assert schedule_config_from_diffusers(sd2v).prediction == "v"
     cosine = ScheduleConfig(beta_schedule="cosine", prediction="v")
-    assert cosine.to_diffusers()["beta_schedule"] == "squaredcos_cap_v2"
-    assert cosine.to_diffusers()["prediction_type"] == "v_prediction"
-    assert ScheduleConfig.from_diffusers(cosine.to_diffusers()) == cosine
+    assert schedule_config_to_diffusers(cosine)["beta_schedule"] == "squaredcos_cap_v2"
+    assert schedule_config_to_diffusers(cosine)["prediction_type"] == "v_prediction"
+    assert schedule_config_from_diffusers(schedule_config_to_diffusers(cosine)) == cosine
     zero_snr = ScheduleConfig(prediction="v", timestep_spacing="trailing", steps_offset=0, rescale_betas_zero_snr=True)
-    assert zero_snr.to_diffusers()["rescale_betas_zero_snr"] is True
-    assert ScheduleConfig.from_diffusers(zero_snr.to_diffusers()) == zero_snr
+    assert schedule_config_to_diffusers(zero_snr)["rescale_betas_zero_snr"] is True
+    assert schedule_config_from_diffusers(schedule_config_to_diffusers(zero_snr)) == zero_snr
     with pytest.raises(ValueError):
-        ScheduleConfig.from_diffusers({**sd15, "prediction_type": "sample"})
+        schedule_config_from_diffusers({**sd15, "prediction_type": "sample"})
 
 
 def test_schedule_config_compvis_linear_is_diffusers_scaled_linear():
     params = {"linear_start": 0.00085, "linear_end": 0.012, "timesteps": 1000, "parameterization": "v"}
-    config = ScheduleConfig.from_compvis(params)
+    config = schedule_config_from_compvis(params)
     assert config.beta_schedule == "scaled_linear" and config.prediction == "v"
     assert config.timestep_spacing == "leading" and config.steps_offset == 1
-    assert ScheduleConfig.from_compvis({**params, "beta_schedule": "sqrt_linear"}).beta_schedule == "linear"
+    assert schedule_config_from_compvis({**params, "beta_schedule": "sqrt_linear"}).beta_schedule == "linear"
 
 
 # ---------------------------------------------------------------------- analytic checks
@@ -308,7 +311,7 @@ def test_denoiser_inverts_eps_and_v_scalings(prediction):
     """A network that returns the true eps / v makes the denoiser return the clean latent exactly."""
     config = ScheduleConfig(prediction=prediction)
     schedule = NoiseSchedule(config)
-    oracle = diffusers.DDPMScheduler.from_config(config.to_diffusers())
+    oracle = diffusers.DDPMScheduler.from_config(schedule_config_to_diffusers(config))
     g = torch.Generator().manual_seed(0)
     z = torch.randn(4, CHANNELS, 8, 8, generator=g, dtype=torch.float64)
     eps = torch.randn(4, CHANNELS, 8, 8, generator=g, dtype=torch.float64)
@@ -469,7 +472,10 @@ def test_cfg_mixes_uncond_and_cond_in_one_batched_call_like_diffusers():
 
 def test_registry_is_consistent():
     assert set(SAMPLERS) == {"ddpm", "ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m"}
+    assert tuple(SAMPLERS) == SAMPLER_NAMES  # one registry: the functions cover exactly its names
     for name, spec in SAMPLERS.items():
-        assert spec.discretisation == SAMPLER_DISCRETISATION[name]
+        assert spec.discretisation in DISCRETISATIONS and callable(spec.fn)
         assert hasattr(diffusers, spec.diffusers_class)
+        assert spec.diffusers_karras == ("use_karras_sigmas" in inspect.signature(
+            getattr(diffusers, spec.diffusers_class).__init__).parameters)
     assert SAMPLERS["ddim"].options == ("eta",)

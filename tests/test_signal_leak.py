@@ -68,9 +68,9 @@ def test_starting_point_is_the_noise_plus_a_spatially_constant_leak():
     options = pipe.sampling_options()
     sigmas = pipe.schedule.sampling_sigmas(options.steps, sampler=options.sampler)
     generators = [torch.Generator().manual_seed(s) for s in (3, 4)]
-    x = pipe._starting_point(generators, sigmas, options)
+    x = pipe.starting_point(generators, sigmas, options)
     generators = [torch.Generator().manual_seed(s) for s in (3, 4)]
-    noise = pipe._initial_noise(generators, 32, 32)
+    noise = pipe.initial_noise(generators, 32, 32)
     leak = SignalLeak(**LEAK).sample(generators)  # the same generators, after the noise
     expected = initial_latents(noise, sigmas, sampler=options.sampler) + leak[:, :, None, None]
     assert torch.equal(x, expected)

@@ -11,7 +11,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import _perturb_zero_init, tiny_pipeline, tiny_pipeline_config
+from ldm.models.builder import perturb_zero_initialised
+from tests.conftest import tiny_pipeline, tiny_pipeline_config
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT, NEGATIVE = "a red bicycle on a blue background", "blurry"
@@ -120,7 +121,10 @@ def test_full_size_sd1_and_sd2_are_detected_and_match_the_shipped_yamls():
     from autoencoder.model import AutoencoderConfig
     from ldm.config import PipelineConfig, SamplingDefaults
     from ldm.sampling.schedule import ScheduleConfig
-    from ldm.formats.single_file import OriginalCheckpoint, check_fits, config_from_compvis, infer_config
+    from ldm.formats.compvis import config_from_compvis
+    from ldm.formats.single_file import OriginalCheckpoint
+    from ldm.formats.single_file_config import infer_config
+    from ldm.formats.single_file_write import check_fits
     from ldm.models.text_encoders import TextEncoderConfig
     from ldm.models.unet import UNetConfig
 
@@ -167,7 +171,8 @@ def test_ema_names_follow_compvis_litema():
 
 def test_sd1_original_to_ours_to_diffusers_to_ours_to_original_is_bitwise(sd1, tmp_path):
     from ldm.pipeline import Txt2ImgPipeline
-    from ldm.formats.single_file import SCHEDULE_BUFFERS, save_single_file
+    from ldm.formats.single_file import SCHEDULE_BUFFERS
+    from ldm.formats.single_file_write import save_single_file
 
     pipe, path = sd1
     ours = Txt2ImgPipeline.from_single_file(path, pipe.config)
@@ -186,7 +191,8 @@ def test_sd2_round_trips(sd2, tmp_path):
     """Original -> ours -> original is bitwise. Through diffusers the text encoder drops what diffusers drops
     (the unused last block, text_projection, logit_scale); everything else is bitwise, images are equal."""
     from ldm.pipeline import Txt2ImgPipeline
-    from ldm.formats.single_file import SCHEDULE_BUFFERS, save_single_file
+    from ldm.formats.single_file import SCHEDULE_BUFFERS
+    from ldm.formats.single_file_write import save_single_file
 
     pipe, path = sd2
     original = {k: v for k, v in load_file(str(path)).items() if k not in SCHEDULE_BUFFERS}
@@ -221,12 +227,12 @@ def test_same_tensors_and_image_as_diffusers_from_single_file(tmp_path, text_kin
     from ldm.formats import unet_keys as unet_keymap
     from ldm.formats import vae_keys as vae_keymap
     from ldm.pipeline import Txt2ImgPipeline
-    from ldm.formats.single_file import save_compvis_yaml
+    from ldm.formats.compvis import save_compvis_yaml
 
     config = oracle_config(text_kind, prediction)
     torch.manual_seed(11)
     made = Txt2ImgPipeline.from_config(config)
-    _perturb_zero_init(made)
+    perturb_zero_initialised([made.unet, made.vae])
     save_file(original_keys(made), str(tmp_path / "model.safetensors"))
     save_compvis_yaml(config, tmp_path / "model.yaml")
     made.save_pretrained(tmp_path / "configs-only", format="diffusers")
@@ -262,7 +268,8 @@ def test_same_tensors_and_image_as_diffusers_from_single_file(tmp_path, text_kin
 
 def test_prediction_comes_from_yaml_beside_file_or_flag(tmp_path):
     from ldm.pipeline import Txt2ImgPipeline
-    from ldm.formats.single_file import read_single_file, save_compvis_yaml
+    from ldm.formats.compvis import save_compvis_yaml
+    from ldm.formats.single_file import read_single_file
 
     config = oracle_config("clip", "v")
     torch.manual_seed(0)

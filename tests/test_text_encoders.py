@@ -1,7 +1,8 @@
 """CLIP tokenizer and text encoders against their oracles: open_clip and transformers.
 
-Tokenizer ids must equal ``open_clip.tokenize`` (zero padding) and transformers' CLIPTokenizer
-(eot padding, and any diffusers ``tokenizer/`` folder). Encoders are tiny random towers whose
+Tokenizer ids must equal ``open_clip.tokenize`` / ``SimpleTokenizer`` (default ``clean="ftfy"``,
+both paddings, a varied corpus and a sweep of code points) and transformers' CLIPTokenizer
+(``clean="nfc"``, and any diffusers ``tokenizer/`` folder). Encoders are tiny random towers whose
 outputs must match open_clip's own modules and transformers' CLIPTextModel loaded through the
 diffusers key map (max abs diff < 1e-4). Full-size SD1/SD2 layouts are checked on the meta device.
 """
@@ -40,6 +41,28 @@ PROMPTS = [
 ]
 # Prompts where ftfy changes the text (HTML entities, curly quotes, full-width letters, ligatures).
 FTFY_PROMPTS = ["fish &amp; chips", "a \u201cquoted\u201d word", "\uff26\uff35\uff2c\uff2c width", "\ufb01ne"]
+# Text where cleaning or word splitting is easy to get wrong: Python's context-dependent final
+# sigma, characters Python but not every regex engine treats as space, U+0345 (which the
+# case-insensitive `regex` pattern drops), letters new in recent Unicode versions (U+0C5C, U+A7CE,
+# U+10940), HTML entities, mojibake, combining marks, and special tokens in other spellings.
+TRICKY_PROMPTS = [
+    "\u039f\u0394\u039f\u03a3 \u03a3\u039f\u03a6\u039f\u03a3 \u03c2",
+    "a\x00b\x1cc\x1fd\x7fe\x85f\u2028g\xa0h\u3000i\u200bj\ufeffk\u180el\x0bm\x0cn\ro",
+    "\u0345\u0399 a\u0345a", "a\u0c5ca a\ua7cea \U00010940\U00010941 1\u0c5c1",
+    "&lt;b&gt; &amp;amp; &#39;x&#39; &nbsp;y &#769;e", "Ã©tÃ© â€œmojibakeâ€\x9d", "e\u0301 n\u0303 \u0301x",
+    "\u0130stanbul \u0131 \u1e9e \ufb00 \u01c5 \u212b", "\uff46\uff55\uff4c\uff4c \uff11\uff12",
+    "\u00bd \u00b2 \u0663 \u216b \u2464 \U0001d7d9",
+    "\U0001f468\u200d\U0001f469\u200d\U0001f467 \U0001f44d\U0001f3fd \U0001f3f3\ufe0f\u200d\U0001f308 \U0001f1eb\U0001f1f7",
+    "I'M YOU'LL it's we've THEY'RE 's'S'''s",
+    "<|ENDOFTEXT|>x <|StartOfText|>", "&lt;|endoftext|&gt;", "!!! a!b hello!",
+]
+# The oracle corpus: plain prompts, punctuation, numbers, scripts, lengths (truncation), spacing.
+CORPUS = PROMPTS + FTFY_PROMPTS + TRICKY_PROMPTS + [
+    " ", "\t\n  \n", "trailing ", " leading", "MiXeD CaSe", "C++ C# node.js me@host.com http://x.org/a?b=1&c=2",
+    "(((best quality))), [[low]], {{{x}}}, (cat:1.3), <lora:x:0.5>", "1,000,000 3.14159 -42 +7 1e-5 0x1F 2024-01-01",
+    "\u0627\u0644\u0639\u0631\u0628\u064a\u0629 \u05e2\u05d1\u05e8\u05d9\u05ea \u0939\u093f\u0928\u094d\u0926\u0940 \u0e44\u0e17\u0e22",
+    "x" * 300, "\u65e5\u672c\u8a9e" * 40, "\U0001f525" * 100, "a, " * 80, " ".join(["supercalifragilistic"] * 30),
+]
 
 
 def _tiny(kind: str, **overrides) -> TextEncoderConfig:

@@ -20,7 +20,8 @@ from PIL import Image
 from conftest import tiny_pipeline, write_bad_image_folder
 from ldm.training import run_state
 from ldm.errors import ConfigError
-from ldm.training.trainer import apply_overrides, diffusion_loss_on_batch, parse_run_config, read_run_config, train
+from ldm.training.run_config import apply_overrides, parse_run_config, read_run_config
+from ldm.training.trainer import diffusion_loss_on_batch, train
 
 ROOT = Path(__file__).resolve().parent.parent
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}
@@ -150,7 +151,7 @@ def mean_loss(model_dir: Path, workspace: Path) -> float:
     """Unweighted diffusion loss of a model on all 8 images, over fixed timesteps and noise."""
     from ldm.training.data import ImageCaptionDataset, collate_batch, load_image_caption_dataset
     from ldm.pipeline import Txt2ImgPipeline
-    from ldm.training.trainer import TrainSettings
+    from ldm.training.run_config import TrainSettings
 
     pipe = Txt2ImgPipeline.from_pretrained(model_dir)
     dataset = ImageCaptionDataset(load_image_caption_dataset(workspace / "images"), resolution=32)

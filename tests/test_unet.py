@@ -11,6 +11,7 @@ import torch
 
 from ldm.models import attention as attention_module
 from ldm.models.attention import attention
+from ldm.formats.compvis import unet_config_from_compvis
 from ldm.formats.unet_keys import config_from_diffusers, diffusers_config, from_diffusers, to_diffusers
 from ldm.models.unet import UNetConfig, UNetModel, timestep_embedding
 
@@ -146,8 +147,8 @@ def test_diffusers_config_round_trip(config):
 
 def test_diffusers_attention_head_dim_trap():
     """diffusers' attention_head_dim is the number of heads: 8 for SD1, per level for SD2."""
-    assert diffusers_config(UNetConfig.from_compvis(SD1_PARAMS))["attention_head_dim"] == 8
-    assert diffusers_config(UNetConfig.from_compvis(SD2_PARAMS))["attention_head_dim"] == (5, 10, 20, 20)
+    assert diffusers_config(unet_config_from_compvis(SD1_PARAMS))["attention_head_dim"] == 8
+    assert diffusers_config(unet_config_from_compvis(SD2_PARAMS))["attention_head_dim"] == (5, 10, 20, 20)
     sd2 = config_from_diffusers({"block_out_channels": [320, 640, 1280, 1280], "attention_head_dim": [5, 10, 20, 20],
                                  "cross_attention_dim": 1024, "use_linear_projection": True})
     assert (sd2.num_heads, sd2.num_head_channels) == (-1, 64)
@@ -164,7 +165,7 @@ def test_config_from_diffusers_rejects_unsupported_features():
 @pytest.mark.parametrize("params, expected_count", [(SD1_PARAMS, 859_520_964), (SD2_PARAMS, 865_910_724)],
                          ids=["sd1", "sd2"])
 def test_full_layout_keys_map_one_to_one(params, expected_count):
-    config = UNetConfig.from_compvis(params)
+    config = unet_config_from_compvis(params)
     with torch.device("meta"):
         ours = UNetModel(config)
         theirs = diffusers.UNet2DConditionModel(**diffusers_config(config))
@@ -181,7 +182,7 @@ def test_full_layout_keys_map_one_to_one(params, expected_count):
 def test_full_sd1_original_checkpoint_names():
     """Spot checks against names in the original v1-5 checkpoint (686 U-Net tensors)."""
     with torch.device("meta"):
-        keys = UNetModel(UNetConfig.from_compvis(SD1_PARAMS)).state_dict().keys()
+        keys = UNetModel(unet_config_from_compvis(SD1_PARAMS)).state_dict().keys()
     assert len(keys) == 686
     for name in ("time_embed.2.weight", "input_blocks.0.0.weight", "input_blocks.3.0.op.weight",
                  "input_blocks.4.0.skip_connection.weight", "input_blocks.4.1.proj_in.weight",
@@ -216,16 +217,16 @@ def test_config_dict_round_trip_and_unknown_keys():
 
 
 def test_from_compvis_reads_yaml_params():
-    sd1, sd2 = UNetConfig.from_compvis(SD1_PARAMS), UNetConfig.from_compvis(SD2_PARAMS)
+    sd1, sd2 = unet_config_from_compvis(SD1_PARAMS), unet_config_from_compvis(SD2_PARAMS)
     assert sd1 == UNetConfig()
     assert (sd2.num_heads, sd2.num_head_channels) == (-1, 64)
     assert (sd2.context_dim, sd2.use_linear_in_transformer) == (1024, True)
     with pytest.raises(ValueError, match="num_classes"):
-        UNetConfig.from_compvis({**SD2_PARAMS, "num_classes": 1000})
+        unet_config_from_compvis({**SD2_PARAMS, "num_classes": 1000})
     with pytest.raises(ValueError, match="use_scale_shift_norm"):
-        UNetConfig.from_compvis({**SD1_PARAMS, "use_scale_shift_norm": True})
+        unet_config_from_compvis({**SD1_PARAMS, "use_scale_shift_norm": True})
     with pytest.raises(ValueError, match="mystery_option"):
-        UNetConfig.from_compvis({**SD1_PARAMS, "mystery_option": 1})
+        unet_config_from_compvis({**SD1_PARAMS, "mystery_option": 1})
 
 
 def test_config_rejects_inconsistent_values():

@@ -1,4 +1,13 @@
-"""Command-line plumbing shared by the scripts (argparse only; importing it loads nothing heavy)."""
+"""The user commands, installed as console scripts and run by the thin files in ``scripts/``:
+
+* ``tinysd-txt2img`` = ``scripts/txt2img.py`` (:mod:`ldm.cli.txt2img`)
+* ``tinysd-train`` = ``scripts/train.py`` (:mod:`ldm.cli.train`)
+* ``tinysd-convert-checkpoint`` = ``scripts/convert_checkpoint.py`` (:mod:`ldm.cli.convert_checkpoint`)
+* ``tinysd-fit-signal-leak`` = ``scripts/fit_signal_leak.py`` (:mod:`ldm.cli.fit_signal_leak`)
+
+Each command parses its arguments before importing the networks (``--help`` and usage errors
+answer at once). This module holds the shared argparse plumbing and loads nothing heavy.
+"""
 
 from __future__ import annotations
 

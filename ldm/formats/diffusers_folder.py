@@ -3,7 +3,11 @@
 A diffusers folder holds one sub-folder per component (``unet/``, ``vae/``, ``text_encoder/``,
 ``tokenizer/``, ``scheduler/``), each with a ``config.json`` and weights in diffusers' own
 names. The key maps in ``ldm.formats.*_keys`` translate those names to the original Stable
-Diffusion names our modules use, and the component configs to ours.
+Diffusion names our modules use, and the component configs to ours;
+:func:`schedule_config_from_diffusers` / :func:`schedule_config_to_diffusers` translate
+``scheduler/scheduler_config.json`` (diffusers names the beta schedules and parameterisations
+differently: ``"squaredcos_cap_v2"`` is our ``"cosine"``, ``"epsilon"`` / ``"v_prediction"`` our
+``"eps"`` / ``"v"``).
 """
 
 from __future__ import annotations
@@ -41,6 +45,61 @@ _WEIGHT_NAMES = {
 }
 _KEYMAPS = {"unet": unet_keymap, "vae": vae_keymap, "text_encoder": text_keymap}
 
+# our ScheduleConfig names -> diffusers scheduler-config names
+_BETA_NAMES = {"scaled_linear": "scaled_linear", "linear": "linear", "cosine": "squaredcos_cap_v2"}
+_PREDICTION_NAMES = {"eps": "epsilon", "v": "v_prediction"}
+
+
+def schedule_config_from_diffusers(scheduler_config: dict[str, Any]) -> ScheduleConfig:
+    """Read a diffusers ``scheduler_config.json`` dict (any of the DDPM-family schedulers).
+
+    Keys this schedule does not model (``clip_sample``, ``skip_prk_steps``, ...) are ignored;
+    missing keys take the defaults of diffusers' DDPM/DDIM/PNDM schedulers (the classes
+    SD checkpoints ship), e.g. ``timestep_spacing="leading"``. Unsupported values raise.
+    """
+    c = scheduler_config
+    if c.get("trained_betas") is not None:
+        raise ValueError("scheduler config with trained_betas is not supported")
+    beta_name = c.get("beta_schedule", "linear")
+    prediction_name = c.get("prediction_type", "epsilon")
+    return ScheduleConfig(
+        num_train_timesteps=int(c.get("num_train_timesteps", 1000)),
+        beta_schedule=_reverse_lookup(_BETA_NAMES, beta_name, "beta_schedule"),
+        beta_start=float(c.get("beta_start", 0.0001)),
+        beta_end=float(c.get("beta_end", 0.02)),
+        prediction=_reverse_lookup(_PREDICTION_NAMES, prediction_name, "prediction_type"),
+        timestep_spacing=c.get("timestep_spacing", "leading"),
+        steps_offset=int(c.get("steps_offset", 0)),
+        rescale_betas_zero_snr=bool(c.get("rescale_betas_zero_snr", False)),
+    )
+
+
+def schedule_config_to_diffusers(config: ScheduleConfig) -> dict[str, Any]:
+    """The diffusers scheduler-config keys ``config`` determines (no ``_class_name``).
+
+    Includes ``clip_sample=False`` and ``set_alpha_to_one=False``, the values our DDPM/DDIM
+    samplers implement (and Stable Diffusion ships); schedulers without those keys ignore them.
+    """
+    return {
+        "num_train_timesteps": config.num_train_timesteps,
+        "beta_schedule": _BETA_NAMES[config.beta_schedule],
+        "beta_start": config.beta_start,
+        "beta_end": config.beta_end,
+        "prediction_type": _PREDICTION_NAMES[config.prediction],
+        "timestep_spacing": config.timestep_spacing,
+        "steps_offset": config.steps_offset,
+        "rescale_betas_zero_snr": config.rescale_betas_zero_snr,
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+    }
+
+
+def _reverse_lookup(ours_to_theirs: dict[str, str], theirs: str, key: str) -> str:
+    for ours, name in ours_to_theirs.items():
+        if name == theirs:
+            return ours
+    raise ValueError(f"unsupported {key} {theirs!r} (supported: {sorted(ours_to_theirs.values())})")
+
 
 def load_diffusers_folder(folder: str | Path) -> tuple[PipelineConfig, dict[str, dict[str, torch.Tensor]]]:
     """Read a diffusers pipeline folder into our config and original-named state dicts.
@@ -69,7 +128,7 @@ def load_diffusers_folder(folder: str | Path) -> tuple[PipelineConfig, dict[str,
         unet=unet_config,
         vae=vae_config,
         text_encoder=text_config,
-        schedule=ScheduleConfig.from_diffusers(scheduler_dict),
+        schedule=schedule_config_from_diffusers(scheduler_dict),
         sampling=sampling,
     )
     parts = {}
@@ -93,7 +152,7 @@ def save_diffusers_folder(pipe, path: str | Path, *, dtype: torch.dtype | None =
     """Write ``pipe`` as a folder ``diffusers.StableDiffusionPipeline.from_pretrained`` loads offline."""
     config: PipelineConfig = pipe.config
     with checkpoints.atomic_folder(path) as folder:
-        _write_json(folder / "model_index.json", _model_index(config))
+        write_json(folder / "model_index.json", model_index(config))
         for name, component_config in (("unet", config.unet), ("vae", config.vae),
                                        ("text_encoder", config.text_encoder)):
             keymap = _KEYMAPS[name]
@@ -101,15 +160,16 @@ def save_diffusers_folder(pipe, path: str | Path, *, dtype: torch.dtype | None =
             if dtype is not None:
                 state_dict = {k: t.to(dtype) if t.is_floating_point() else t for k, t in state_dict.items()}
             (folder / name).mkdir()
-            _write_json(folder / name / "config.json", _component_config_json(name, keymap, config))
+            write_json(folder / name / "config.json", component_config_json(name, keymap, config))
             checkpoints.save_safetensors_atomic(state_dict, folder / name / _WEIGHT_NAMES[name][0],
                                                 metadata={"format": "pt"})
         pipe.text_encoder.tokenizer.save_pretrained(folder / "tokenizer")
         (folder / "scheduler").mkdir()
-        _write_json(folder / "scheduler" / "scheduler_config.json", _scheduler_json(config))
+        write_json(folder / "scheduler" / "scheduler_config.json", scheduler_json(config))
 
 
-def _model_index(config: PipelineConfig) -> dict[str, Any]:
+def model_index(config: PipelineConfig) -> dict[str, Any]:
+    """The folder's ``model_index.json``: the pipeline class and each component's library and class."""
     import diffusers
 
     return {
@@ -126,7 +186,9 @@ def _model_index(config: PipelineConfig) -> dict[str, Any]:
     }
 
 
-def _component_config_json(name: str, keymap, config: PipelineConfig) -> dict[str, Any]:
+def component_config_json(name: str, keymap, config: PipelineConfig) -> dict[str, Any]:
+    """``{name}/config.json`` of component ``name`` (``"unet"``, ``"vae"``, ``"text_encoder"``), made by
+    its key map (``ldm.formats.{unet,vae,text}_keys``) from ``config``."""
     import diffusers
     import transformers
 
@@ -147,7 +209,13 @@ def _component_config_json(name: str, keymap, config: PipelineConfig) -> dict[st
 _NO_ZERO_SNR_SUPPORT = ("heun",)
 
 
-def _scheduler_json(config: PipelineConfig) -> dict[str, Any]:
+def scheduler_json(config: PipelineConfig) -> dict[str, Any]:
+    """``scheduler/scheduler_config.json``: the diffusers class of ``config.sampling.sampler`` with
+    the schedule (:func:`schedule_config_to_diffusers`) and Karras sigmas when asked for.
+
+    Raises:
+        ConfigError: the sampler's diffusers class cannot reproduce the schedule (zero terminal SNR).
+    """
     import diffusers
 
     sampler = config.sampling.sampler
@@ -157,13 +225,17 @@ def _scheduler_json(config: PipelineConfig) -> dict[str, Any]:
     values = {
         "_class_name": SCHEDULER_CLASSES[sampler],
         "_diffusers_version": diffusers.__version__,
-        **config.schedule.to_diffusers(),
+        **schedule_config_to_diffusers(config.schedule),
         "clip_sample": False,
         "set_alpha_to_one": False,
         "skip_prk_steps": True,
     }
-    if config.sampling.karras and sampler in ("euler", "euler_ancestral", "heun", "dpmpp_2m"):
-        values["use_karras_sigmas"] = True
+    if config.sampling.karras:
+        if SAMPLERS[sampler].diffusers_karras:
+            values["use_karras_sigmas"] = True
+        else:
+            logger.warning("diffusers' %s has no Karras sigmas: the saved scheduler uses its default sigmas",
+                           SAMPLERS[sampler].diffusers_class)
     return values
 
 
@@ -183,5 +255,6 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not valid JSON ({error})") from None
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` as diffusers does: indented, sorted keys, a final newline."""
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -61,6 +61,10 @@ import torch
 from torch import nn
 
 from ldm.errors import CheckpointError, ConfigError
+from ldm.formats.checkpoints import load_state_dict, save_safetensors_atomic
+from ldm.formats.unet_keys import module_map
+from ldm.models.text_encoders import CLIPTextEncoder, OpenCLIPTextEncoder
+from ldm.models.unet import UNetModel
 
 logger = logging.getLogger(__name__)
 
@@ -160,8 +164,6 @@ def save_lora(
     Raises:
         ConfigError: neither module carries adapter ``adapter``.
     """
-    from ldm.formats.checkpoints import save_safetensors_atomic
-
     tensors: dict[str, torch.Tensor] = {}
     for module in (unet, text_encoder):
         if module is not None:
@@ -206,8 +208,6 @@ def load_lora(pipe, path: str | Path, scale: float = 1.0, *, adapter: str | None
         CheckpointError: unreadable file, keys that name no layer of this model, or shapes that
             do not fit.
     """
-    from ldm.formats.checkpoints import load_state_dict
-
     tensors = load_state_dict(path)
     adapter = adapter or _fresh_adapter_name(pipe)
     modules = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
@@ -339,8 +339,6 @@ def _fresh_adapter_name(pipe) -> str:
 
 
 def _refuse_fused_text_encoder(module: nn.Module) -> None:
-    from ldm.models.text_encoders import OpenCLIPTextEncoder
-
     if isinstance(module, OpenCLIPTextEncoder):
         raise ConfigError(
             "LoRA on the OpenCLIP (SD 2.x) text encoder is not supported: its attention uses one fused "
@@ -387,9 +385,6 @@ def _fill_adapter(module: nn.Module, entries: Mapping[str, dict], adapter: str, 
 
 def _file_names(module: nn.Module) -> dict[str, str]:
     """Our module path -> kohya file name (without suffix) for every adaptable layer of ``module``."""
-    from ldm.models.text_encoders import CLIPTextEncoder
-    from ldm.models.unet import UNetModel
-
     paths = [path for path, _ in _adaptable_layers(module)]
     if isinstance(module, UNetModel):
         diffusers = _unet_diffusers_paths(module, paths)
@@ -405,8 +400,6 @@ def _unet_diffusers_paths(unet: nn.Module, paths: Sequence[str]) -> dict[str, st
     The longest mapped prefix of each path is renamed with :func:`ldm.formats.unet_keys.module_map`;
     attention blocks carry the same inner names on both sides.
     """
-    from ldm.formats.unet_keys import module_map
-
     prefixes = module_map(unet.config)
     result = {}
     for path in paths:
@@ -424,11 +417,8 @@ def _text_model_path(path: str) -> str:
     return path[len("transformer."):] if path.startswith("transformer.") else path
 
 
-def _lookup_tables(modules: Mapping[str, nn.Module]) -> dict[str, tuple[str, str]]:
+def layer_lookup_table(modules: Mapping[str, nn.Module]) -> dict[str, tuple[str, str]]:
     """Every accepted layer name in a file -> ``(component, our module path)``."""
-    from ldm.models.text_encoders import CLIPTextEncoder
-    from ldm.models.unet import UNetModel
-
     table: dict[str, tuple[str, str]] = {}
     unet = modules["unet"]
     if isinstance(unet, UNetModel):
@@ -464,7 +454,7 @@ def _parse_lora_file(
         CheckpointError: a key that is no LoRA tensor, names no layer of this model, or an
             entry without both ``down`` and ``up``.
     """
-    table = _lookup_tables(modules)
+    table = layer_lookup_table(modules)
     groups: dict[str, dict[str, dict]] = {}
     unknown = []
     for key, tensor in tensors.items():

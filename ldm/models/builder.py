@@ -9,8 +9,9 @@ patched, so several threads may load models at once.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
+import torch
 from torch import nn
 
 from autoencoder.model import AutoencoderKL
@@ -52,3 +53,19 @@ def fill_derived_buffers(module: nn.Module) -> None:
     missing = [name for name, buffer in module.named_buffers() if buffer.is_meta]
     if missing:
         raise RuntimeError(f"buffers not filled after loading: {', '.join(missing)}")
+
+
+@torch.no_grad()
+def perturb_zero_initialised(modules: Iterable[nn.Module], *, seed: int = 1234, scale: float = 0.05) -> None:
+    """Give every all-zero weight matrix/kernel small random values ``N(0, scale^2)``, in place.
+
+    Freshly built U-Nets zero-initialise their output convolutions (the residual branches start
+    as identities), so with random weights the whole U-Net outputs zeros and comparing two
+    implementations would prove nothing. Tests and benchmarks call this first.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    for module in modules:
+        for parameter in module.parameters():
+            if parameter.dim() > 1 and parameter.abs().max() == 0:
+                noise = torch.randn(parameter.shape, generator=generator) * scale
+                parameter.copy_(noise.to(device=parameter.device, dtype=parameter.dtype))

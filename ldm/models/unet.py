@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,7 +48,8 @@ TIMESTEP_MAX_PERIOD = 10_000
 
 @dataclass
 class UNetConfig:
-    """Hyper-parameters of :class:`UNetModel`, with the CompVis YAML names.
+    """Hyper-parameters of :class:`UNetModel`, with the CompVis YAML names
+    (:func:`ldm.formats.compvis.unet_config_from_compvis` reads a YAML's ``unet_config``).
 
     Defaults are Stable Diffusion 1.x. Stable Diffusion 2.x uses ``num_heads=-1,
     num_head_channels=64, context_dim=1024, use_linear_in_transformer=True``.
@@ -128,39 +129,6 @@ class UNetConfig:
         """Inverse of :meth:`to_dict`; raises ``ValueError`` naming any unknown key."""
         return strict_from_dict(cls, d)
 
-    @classmethod
-    def from_compvis(cls, params: Mapping[str, Any]) -> UNetConfig:
-        """Build from the ``model.params.unet_config.params`` dict of a CompVis/SGM YAML.
-
-        Training and precision switches (``use_checkpoint``, ``use_fp16``, ``image_size``, ...)
-        are ignored; features this U-Net does not implement (class conditioning, scale-shift
-        norm, attention blocks without a SpatialTransformer, ...) raise ``ValueError``. Missing
-        keys take the UNetConfig defaults, except ``num_heads`` whose CompVis default is -1.
-        """
-        params = dict(params)
-        for key, required in _COMPVIS_REQUIRED.items():
-            if key in params and not _matches_required(params[key], required):
-                raise ValueError(
-                    f"unsupported CompVis U-Net option {key}={params[key]!r} (supported: {required!r})"
-                )
-        unknown = sorted(set(params) - set(_COMPVIS_FIELDS) - set(_COMPVIS_REQUIRED) - _COMPVIS_IGNORED)
-        if unknown:
-            raise ValueError(f"unknown CompVis U-Net option(s): {', '.join(unknown)}")
-
-        kwargs = {field: params[key] for key, field in _COMPVIS_FIELDS.items() if key in params}
-        kwargs.setdefault("num_heads", -1)  # CompVis default; SD2 YAMLs omit it
-        if kwargs.get("num_head_channels", -1) > 0:
-            kwargs["num_heads"] = -1  # head channels win, as in CompVis
-        depth = kwargs.get("transformer_depth", 1)
-        if isinstance(depth, Iterable):
-            depths = set(depth)
-            if len(depths) != 1:
-                raise ValueError(f"per-level transformer_depth {list(depth)} is not supported")
-            kwargs["transformer_depth"] = depths.pop()
-        if "context_dim" in kwargs and kwargs["context_dim"] is None:
-            raise ValueError("context_dim=None (a U-Net without cross-attention) is not supported")
-        return cls(**kwargs)
-
     def _validate(self) -> None:
         if self.num_head_channels <= 0 and self.num_heads <= 0:
             raise ValueError("set num_heads > 0 or num_head_channels > 0")
@@ -185,59 +153,6 @@ class UNetConfig:
                 if heads <= 0 or heads * head_dim != channels:
                     raise ValueError(f"level {level}: {channels} channels cannot be split into heads "
                                      f"(num_heads={self.num_heads}, num_head_channels={self.num_head_channels})")
-
-
-# CompVis key -> UNetConfig field
-_COMPVIS_FIELDS = {
-    "in_channels": "in_channels",
-    "out_channels": "out_channels",
-    "model_channels": "model_channels",
-    "channel_mult": "channel_mult",
-    "num_res_blocks": "num_res_blocks",
-    "attention_resolutions": "attention_resolutions",
-    "num_heads": "num_heads",
-    "num_head_channels": "num_head_channels",
-    "context_dim": "context_dim",
-    "transformer_depth": "transformer_depth",
-    "use_linear_in_transformer": "use_linear_in_transformer",
-    "upcast_attention": "upcast_attention",
-}
-# CompVis options whose only supported value is the one given (None also accepted for None).
-_COMPVIS_REQUIRED: dict[str, Any] = {
-    "use_spatial_transformer": True,
-    "dims": 2,
-    "conv_resample": True,
-    "dropout": 0.0,
-    "use_scale_shift_norm": False,
-    "resblock_updown": False,
-    "num_classes": None,
-    "n_embed": None,
-    "adm_in_channels": None,
-    "num_attention_blocks": None,
-    "disable_self_attentions": None,
-    "disable_middle_self_attn": False,
-    "transformer_depth_middle": None,
-}
-# Options that do not change the network's function or parameters here.
-_COMPVIS_IGNORED = {
-    "use_checkpoint",  # runtime choice: UNetModel.set_gradient_checkpointing
-    "use_fp16",
-    "use_bf16",
-    "image_size",  # unused by CompVis too
-    "legacy",  # only changes head sizes of non-spatial attention blocks
-    "num_heads_upsample",  # only for non-spatial attention blocks
-    "use_new_attention_order",  # idem
-    "spatial_transformer_attn_type",  # backend choice; see ldm.models.attention
-}
-
-
-def _matches_required(value: Any, required: Any) -> bool:
-    """Whether a CompVis option value equals the only value supported (``None`` ~ ``False``)."""
-    if isinstance(value, (list, tuple)) and not any(value):
-        value = None  # e.g. disable_self_attentions: [False, False, False, False]
-    if value is None:
-        return required is None or required is False
-    return required is not None and value == required
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,10 +183,14 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = TIMESTEP_MAX_PER
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 and cast back (stable under fp16/bf16)."""
+    """GroupNorm computed in float32 and cast back, as CompVis' ``GroupNorm32`` does: the statistics of
+    fp16/bf16 activations overflow or lose precision otherwise. The affine weights are upcast too
+    (CPU kernels refuse mixed dtypes; on CUDA it is the same arithmetic)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.float()).to(x.dtype)
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
 
 
 def _zero(module: nn.Module) -> nn.Module:

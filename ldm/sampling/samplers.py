@@ -16,11 +16,12 @@ All samplers integrate the probability-flow ODE ``dx/dsigma = (x - D(x, sigma)) 
 (Karras et al. 2022, eq. 3 with sigma(t) = t) or its ancestral (SDE) counterpart. In these
 coordinates DDIM with eta=0 *is* the Euler method, and DDPM (the lecture's Algorithm 2, posterior
 variance "fixed_small") *is* the ancestral Euler step with eta=1; they differ from ``euler`` /
-``euler_ancestral`` only in the sigma chain they walk (see ``SAMPLER_DISCRETISATION``).
+``euler_ancestral`` only in the sigma chain they walk (see :mod:`ldm.sampling.registry`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -29,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ldm.sampling.denoiser import DenoiseFn
-from ldm.sampling.schedule import SAMPLER_DISCRETISATION
+from ldm.sampling.registry import SAMPLER_INFO, SamplerInfo
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 Callback = Callable[[int, Tensor, Tensor], None] | None
@@ -212,40 +213,23 @@ def sample_dpmpp_2m(
 
 
 @dataclass(frozen=True)
-class SamplerSpec:
-    """How to run one sampler and which diffusers scheduler it reproduces.
+class SamplerSpec(SamplerInfo):
+    """A registry entry (:class:`ldm.sampling.registry.SamplerInfo`) plus its sampling function ``fn``."""
 
-    Attributes:
-        fn: the sampling function.
-        ancestral: draws fresh noise each step (results depend on the generator); DDIM only with eta > 0.
-        discretisation: the sigma chain it walks (a key of ``ldm.sampling.schedule.DISCRETISATIONS``).
-        options: keyword options beyond the common signature (e.g. ``("eta",)``).
-        diffusers_class: the equivalent diffusers scheduler class name.
-        diffusers_rounds_karras_timesteps: diffusers feeds the network ``round(t)`` with Karras sigmas;
-            build the denoiser with ``round_timesteps=True`` to reproduce it exactly.
-    """
-
-    fn: Callable[..., Tensor]
-    ancestral: bool
-    discretisation: str
-    options: tuple[str, ...]
-    diffusers_class: str
-    diffusers_rounds_karras_timesteps: bool = False
+    fn: Callable[..., Tensor] | None = None
 
 
-def _spec(name: str, fn, ancestral: bool, diffusers_class: str, options: tuple[str, ...] = (), **kw) -> SamplerSpec:
-    return SamplerSpec(fn, ancestral, SAMPLER_DISCRETISATION[name], options, diffusers_class, **kw)
-
-
+_FUNCTIONS = {
+    "ddpm": sample_ddpm,
+    "ddim": sample_ddim,
+    "euler": sample_euler,
+    "euler_ancestral": sample_euler_ancestral,
+    "heun": sample_heun,
+    "dpmpp_2m": sample_dpmpp_2m,
+}
+assert set(_FUNCTIONS) == set(SAMPLER_INFO), "every registered sampler needs a function and vice versa"
 SAMPLERS: dict[str, SamplerSpec] = {
-    "ddpm": _spec("ddpm", sample_ddpm, True, "DDPMScheduler"),
-    "ddim": _spec("ddim", sample_ddim, False, "DDIMScheduler", ("eta",)),
-    "euler": _spec("euler", sample_euler, False, "EulerDiscreteScheduler"),
-    "euler_ancestral": _spec("euler_ancestral", sample_euler_ancestral, True, "EulerAncestralDiscreteScheduler"),
-    "heun": _spec("heun", sample_heun, False, "HeunDiscreteScheduler"),
-    "dpmpp_2m": _spec(
-        "dpmpp_2m", sample_dpmpp_2m, False, "DPMSolverMultistepScheduler", diffusers_rounds_karras_timesteps=True
-    ),
+    name: SamplerSpec(**dataclasses.asdict(info), fn=_FUNCTIONS[name]) for name, info in SAMPLER_INFO.items()
 }
 
 
@@ -261,7 +245,7 @@ def initial_latents(noise: Tensor, sigmas: Tensor, *, sampler: str, timestep_spa
     schedulers start at ``noise * sigma_0`` instead; we follow them so latents match exactly.
     """
     sigma_0 = float(sigmas[0])
-    if SAMPLER_DISCRETISATION[sampler] == "k" and timestep_spacing in ("linspace", "trailing"):
+    if SAMPLER_INFO[sampler].discretisation == "k" and timestep_spacing in ("linspace", "trailing"):
         return noise * sigma_0
     return noise * math.sqrt(1 + sigma_0**2)
 

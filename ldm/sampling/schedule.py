@@ -12,7 +12,9 @@ to the VP input and the discrete timestep ``t`` the U-Net was trained with.
 Naming trap: the beta schedule CompVis calls ``"linear"`` (a linspace of sqrt(beta), squared) is
 what diffusers calls ``"scaled_linear"``; CompVis ``"sqrt_linear"`` is diffusers ``"linear"``.
 This module uses the diffusers meaning of the names (``"cosine"`` = diffusers
-``"squaredcos_cap_v2"``); :meth:`ScheduleConfig.from_compvis` translates CompVis names.
+``"squaredcos_cap_v2"``). The translations of other tools' names live with their formats:
+:func:`ldm.formats.compvis.schedule_config_from_compvis` (CompVis YAML) and
+:func:`ldm.formats.diffusers_folder.schedule_config_from_diffusers` / ``schedule_config_to_diffusers``.
 """
 
 from __future__ import annotations
@@ -27,29 +29,18 @@ import torch
 from torch import Tensor
 
 from ldm.config_io import strict_from_dict
+from ldm.sampling.registry import DISCRETISATIONS, sampler_info
 
 BETA_SCHEDULES = ("scaled_linear", "linear", "cosine")
 PREDICTIONS = ("eps", "v")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
-
-_DIFFUSERS_BETA_NAMES = {"scaled_linear": "scaled_linear", "linear": "linear", "cosine": "squaredcos_cap_v2"}
-_DIFFUSERS_PREDICTION_NAMES = {"eps": "epsilon", "v": "v_prediction"}
-_COMPVIS_BETA_NAMES = {"linear": "scaled_linear", "sqrt_linear": "linear", "cosine": "cosine"}  # CompVis -> ours
 
 # Which sigma chain each sampler walks; see NoiseSchedule.sampling_sigmas.
 #   "ddpm": the strided discrete chain, ending at sigma = 0 (diffusers DDPMScheduler)
 #   "ddim": the strided discrete chain, ending at sigma(t=0) (DDIMScheduler, set_alpha_to_one=False)
 #   "k":    the Euler-family chain (Euler/EulerAncestral/Heun DiscreteScheduler), ending at 0
 #   "dpm":  the DPMSolverMultistepScheduler chain (its own timestep spacing), ending at 0
-SAMPLER_DISCRETISATION = {
-    "ddpm": "ddpm",
-    "ddim": "ddim",
-    "euler": "k",
-    "euler_ancestral": "k",
-    "heun": "k",
-    "dpmpp_2m": "dpm",
-}
-DISCRETISATIONS = ("ddpm", "ddim", "k", "dpm")
+# (ldm.sampling.registry names the chain of each sampler.)
 TERMINAL_ALPHA_BAR = 2.0**-24  # alpha_bar in place of an exact 0 (zero terminal SNR) for sigma = sqrt((1-abar)/abar)
 
 
@@ -95,81 +86,10 @@ class ScheduleConfig:
     def from_dict(cls, d: dict[str, Any]) -> "ScheduleConfig":
         return strict_from_dict(cls, d)
 
-    @classmethod
-    def from_diffusers(cls, scheduler_config: dict[str, Any]) -> "ScheduleConfig":
-        """Read a diffusers ``scheduler_config.json`` dict (any of the DDPM-family schedulers).
-
-        Keys this schedule does not model (``clip_sample``, ``skip_prk_steps``, ...) are ignored;
-        missing keys take the defaults of diffusers' DDPM/DDIM/PNDM schedulers (the classes
-        SD checkpoints ship), e.g. ``timestep_spacing="leading"``. Unsupported values raise.
-        """
-        c = scheduler_config
-        if c.get("trained_betas") is not None:
-            raise ValueError("scheduler config with trained_betas is not supported")
-        beta_name = c.get("beta_schedule", "linear")
-        prediction_name = c.get("prediction_type", "epsilon")
-        return cls(
-            num_train_timesteps=int(c.get("num_train_timesteps", 1000)),
-            beta_schedule=_reverse_lookup(_DIFFUSERS_BETA_NAMES, beta_name, "beta_schedule"),
-            beta_start=float(c.get("beta_start", 0.0001)),
-            beta_end=float(c.get("beta_end", 0.02)),
-            prediction=_reverse_lookup(_DIFFUSERS_PREDICTION_NAMES, prediction_name, "prediction_type"),
-            timestep_spacing=c.get("timestep_spacing", "leading"),
-            steps_offset=int(c.get("steps_offset", 0)),
-            rescale_betas_zero_snr=bool(c.get("rescale_betas_zero_snr", False)),
-        )
-
-    def to_diffusers(self) -> dict[str, Any]:
-        """The diffusers scheduler-config keys this schedule determines (no ``_class_name``).
-
-        Includes ``clip_sample=False`` and ``set_alpha_to_one=False``, the values our DDPM/DDIM
-        samplers implement (and Stable Diffusion ships); schedulers without those keys ignore them.
-        """
-        return {
-            "num_train_timesteps": self.num_train_timesteps,
-            "beta_schedule": _DIFFUSERS_BETA_NAMES[self.beta_schedule],
-            "beta_start": self.beta_start,
-            "beta_end": self.beta_end,
-            "prediction_type": _DIFFUSERS_PREDICTION_NAMES[self.prediction],
-            "timestep_spacing": self.timestep_spacing,
-            "steps_offset": self.steps_offset,
-            "rescale_betas_zero_snr": self.rescale_betas_zero_snr,
-            "clip_sample": False,
-            "set_alpha_to_one": False,
-        }
-
-    @classmethod
-    def from_compvis(cls, params: dict[str, Any]) -> "ScheduleConfig":
-        """Read the ``model.params`` of a CompVis/Stability YAML (``linear_start``, ``linear_end``,
-        ``timesteps``, ``beta_schedule``, ``parameterization``); other keys are ignored.
-
-        CompVis sampling uses DDIM "uniform" spacing, which is diffusers ``"leading"`` with
-        ``steps_offset=1``.
-        """
-        compvis_beta = params.get("beta_schedule", "linear")
-        if compvis_beta not in _COMPVIS_BETA_NAMES:
-            raise ValueError(f"unsupported CompVis beta_schedule {compvis_beta!r} (supported: {sorted(_COMPVIS_BETA_NAMES)})")
-        return cls(
-            num_train_timesteps=int(params.get("timesteps", 1000)),
-            beta_schedule=_COMPVIS_BETA_NAMES[compvis_beta],
-            beta_start=float(params.get("linear_start", 1e-4)),
-            beta_end=float(params.get("linear_end", 2e-2)),
-            prediction=params.get("parameterization", "eps"),
-            timestep_spacing="leading",
-            steps_offset=1,
-        )
-
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-
-
-def _reverse_lookup(ours_to_theirs: dict[str, str], theirs: str, key: str) -> str:
-    for ours, name in ours_to_theirs.items():
-        if name == theirs:
-            return ours
-    raise ValueError(f"unsupported {key} {theirs!r} (supported: {sorted(ours_to_theirs.values())})")
 
 
 def make_betas(config: ScheduleConfig) -> Tensor:
@@ -315,7 +235,7 @@ class NoiseSchedule:
         """The descending sigma chain a sampler walks: float32 ``[num_steps + 1]``.
 
         ``sigmas[i]`` is the noise level before step ``i`` and ``sigmas[i+1]`` after it. The chain is
-        the one of the diffusers scheduler that matches ``sampler`` (see SAMPLER_DISCRETISATION):
+        the one of the diffusers scheduler that matches ``sampler`` (``discretisation`` in :mod:`ldm.sampling.registry`):
 
         * ``"ddpm"``: sigma at each inference timestep, then 0 (DDPMScheduler's last step lands on
           alpha_bar = 1).
@@ -352,6 +272,4 @@ def _discretisation(sampler: str) -> str:
     """Map a sampler name (or a discretisation name) to its discretisation."""
     if sampler in DISCRETISATIONS:
         return sampler
-    if sampler in SAMPLER_DISCRETISATION:
-        return SAMPLER_DISCRETISATION[sampler]
-    raise ValueError(f"unknown sampler {sampler!r} (choose from {sorted(SAMPLER_DISCRETISATION)})")
+    return sampler_info(sampler).discretisation

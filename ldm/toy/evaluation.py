@@ -34,6 +34,7 @@ from typing import Sequence
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from ldm.toy.judge import frechet_distance
 from ldm.toy.procedural import (
     CAPTION_TEMPLATES,
     COLOURS,
@@ -314,8 +315,6 @@ class EvaluationResult:
 
 def evaluate(pipe, judge, settings: EvaluationSettings | None = None, *, model: str = "") -> EvaluationResult:
     """Run the whole evaluation (see the module docstring) on ``pipe`` with ``judge``."""
-    from ldm.toy.judge import frechet_distance
-
     settings = settings or EvaluationSettings()
     options = settings.sampling_options(pipe)
     prompts = evaluation_prompts(settings.n, heldout_per_pair=settings.heldout_per_pair, seed=settings.seed)

@@ -24,6 +24,7 @@ from typing import Sequence
 import torch
 from PIL import Image, ImageDraw
 
+from ldm.toy.evaluation import vae_round_trip
 from ldm.toy.procedural import (
     BACKGROUND_COLOURS, BACKGROUND_JITTER, COLOURS, OBJECT_COLOURS, OBJECT_JITTER, ProceduralDataset,
     background_choices, resolve_colour, size_word, with_article,
@@ -164,8 +165,6 @@ def fit_detector(judge, vae, *, n: int = 600, seed: int = 1000) -> tuple[Concept
     """Fit a :class:`ConceptDetector` on ``n`` moons and ``n`` procedural images (seeds disjoint from
     the fine-tuning set), each real and through ``vae``; return it with its accuracy on a fresh
     held-out set of the same make-up."""
-    from ldm.toy.evaluation import vae_round_trip
-
     def sets(offset: int) -> tuple[list, list]:
         moons = [s.image for s in moon_samples(n, seed + offset)]
         others = [s.image for s in ProceduralDataset(seed + offset, "all").take(n)]

@@ -44,8 +44,10 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from safetensors import safe_open
 
 from ldm.errors import ConfigError
+from ldm.formats import checkpoints
 
 logger = logging.getLogger(__name__)
 
@@ -777,10 +779,6 @@ def cache_latents(
     Raises:
         ConfigError: the dataset uses random crops (their latents cannot be computed once).
     """
-    from safetensors import safe_open
-
-    from ldm.formats.checkpoints import load_state_dict, save_safetensors_atomic
-
     if dataset.crop == "random":
         raise ConfigError("latent caching needs crop='center' (random crops change every epoch)")
     path = Path(path)
@@ -794,7 +792,7 @@ def cache_latents(
             metadata = {}
         if metadata.get("format") == CACHE_FORMAT and metadata.get("fingerprint") == fingerprint:
             logger.info("using cached latents %s", path)
-            return _cached_dataset(load_state_dict(path), metadata, dataset.seed)
+            return _cached_dataset(checkpoints.load_state_dict(path), metadata, dataset.seed)
         logger.info("latent cache %s is stale; recomputing", path)
 
     device = torch.device(device) if device is not None else next(vae.parameters()).device
@@ -812,7 +810,7 @@ def cache_latents(
     metadata = {"format": CACHE_FORMAT, "fingerprint": fingerprint, "count": str(len(dataset)),
                 "flipped": str(int(dataset.random_flip)), "captions": json.dumps(captions, ensure_ascii=False),
                 "bucket_ids": json.dumps(dataset.bucket_ids)}
-    save_safetensors_atomic(tensors, path, metadata=metadata)
+    checkpoints.save_safetensors_atomic(tensors, path, metadata=metadata)
     logger.info("cached %d latents in %s", len(dataset), path)
     return _cached_dataset(tensors, metadata, dataset.seed)
 

@@ -1,22 +1,16 @@
 """The general training loop behind ``scripts/train.py``: from-scratch training, full fine-tuning and LoRA.
 
-One YAML file (strictly checked, overridable with dotted ``key=value`` pairs) describes a run::
-
-    model:       {init: PATH}  (any model Txt2ImgPipeline.from_pretrained loads), optionally with
-                 {schedule, sampling} keys that replace the pretrained model's (e.g. fine-tune an eps
-                 model into a v-prediction one), or the pipeline sections {unet, text_encoder,
-                 schedule, sampling} for a fresh model
-    vae:         folder written by scripts/toy/train_autoencoder.py (fresh models only)
-    data:        kind procedural | folder | hub, plus image options (see DataSettings)
-    training:    optimisation options (see TrainSettings), ``lora: {rank, alpha, text_encoder}``
-    validation:  fixed prompts rendered as a grid every N steps
-    output:      a folder path, or {path, dtype, diffusers}
-    run_dir:     checkpoints, logs and validation grids (optional; --run-dir wins)
+A run is described by a :class:`ldm.training.run_config.RunConfig` (one strictly read YAML file,
+see :mod:`ldm.training.run_config`). :func:`train` runs it as named steps, each testable alone:
+:func:`setup_run` (accelerator, models, EMA, optimizer, as a :class:`TrainingRun`),
+:func:`resume_from_checkpoint`, :func:`load_run_data`, :func:`start_session`, then per step
+:func:`training_step`, :func:`log_step`, :func:`save_run_checkpoint` and :func:`render_validation`,
+and :func:`finish_run` (export of the final model).
 
 The step is Algorithm 1 of the lecture on VAE latents: uniform ``t``, ``x_t = sqrt(abar) z +
 sqrt(1-abar) eps``, MSE to the eps or v target (the model's schedule decides), optionally weighted
 by Min-SNR-gamma, with caption dropout for classifier-free guidance. ``accelerate`` places the
-models, runs mixed precision, gradient accumulation and DDP (imported only by :func:`train`).
+models, runs mixed precision, gradient accumulation and DDP (imported only by :func:`setup_run`).
 
 Checkpoints (``run_dir/checkpoints/step-N``, atomic, last K kept) hold the trained weights under
 original SD key prefixes (``weights.safetensors``) and ``state.pt`` (optimizer, EMA, RNG, data
@@ -27,260 +21,37 @@ step number, so a resumed run repeats exactly what an uninterrupted one would ha
 
 from __future__ import annotations
 
-import dataclasses
+import importlib.util
 import json
 import logging
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import torch
-import yaml
 from torch import nn
+from tqdm.auto import tqdm
 
-from ldm.formats import checkpoints
-
-from ldm.training import objectives
-
-from ldm.training import run_state
-from ldm.config import SECTION_CLASSES, PipelineConfig
+from autoencoder.model import AutoencoderConfig, AutoencoderKL
+from ldm.config import PipelineConfig
+from ldm.config_io import read_yaml
 from ldm.errors import ConfigError
+from ldm.formats import checkpoints
+from ldm.formats.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, save_lora
+from ldm.images import make_grid
+from ldm.models.text_encoders import build_text_encoder
+from ldm.models.unet import UNetModel
+from ldm.pipeline import Txt2ImgPipeline
+from ldm.toy.procedural import ProceduralDataset, images_to_tensor
+from ldm.training import objectives, run_state
+from ldm.training.data import (BucketBatchSampler, ImageCaptionDataset, cache_latents, collate_batch,
+                               load_image_caption_dataset)
+from ldm.training.ema import EMA
+from ldm.training.run_config import OUTPUT_DTYPES, DataSettings, RunConfig, TrainSettings, ValidationSettings
 
 logger = logging.getLogger(__name__)
-
-DATA_KINDS = ("procedural", "folder", "hub")
-PRECISIONS = ("no", "fp16", "bf16")
-OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_PIPELINE_SECTIONS = ("unet", "text_encoder", "schedule", "sampling")
-_INIT_OVERRIDABLE = ("schedule", "sampling")  # sections model.init may be combined with
-
-
-# --------------------------------------------------------------------------------------------
-# Configuration
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class DataSettings:
-    """Where training images come from and how they are prepared."""
-
-    kind: str = "procedural"  # procedural | folder | hub
-    seed: int = 0
-    pool_size: int = 60000  # procedural: images encoded once into cached latents
-    source: str | None = None  # folder path or hub dataset id
-    image_column: str = "image"
-    caption_column: str = "text"
-    repeats_column: str | None = None  # per-image repeats per epoch (folder/hub data)
-    split: str = "train"
-    resolution: int | None = None  # default: the model's sampling height
-    crop: str = "center"  # center | random
-    random_flip: bool = False
-    bucketing: bool = False
-    bucket_step: int | None = None  # default: VAE factor x U-Net downsampling
-    max_aspect: float = 2.0
-    cache_latents: bool = False  # encode every image once with the VAE (needs crop: center)
-    num_workers: int = 0
-
-
-@dataclass
-class LoraSettings:
-    rank: int = 8
-    alpha: float | None = None  # default: alpha = rank
-    text_encoder: bool = False
-    dropout: float = 0.0
-    unet_targets: tuple[str, ...] | None = None  # U-Net layer-name suffixes; None: ldm.formats.lora.UNET_TARGETS
-
-
-@dataclass
-class TrainSettings:
-    seed: int = 0
-    batch_size: int = 64  # per process and micro-step
-    steps: int = 20000  # optimizer steps
-    lr: float = 6e-4
-    final_lr: float = 5e-5
-    warmup_steps: int = 200
-    weight_decay: float = 0.01
-    grad_clip: float | None = 1.0
-    caption_dropout: float = 0.1
-    min_snr_gamma: float | None = 5.0
-    noise_offset: float = 0.0
-    ema_decay: float | None = 0.999  # null: no EMA
-    checkpoint_every: int = 250
-    keep_checkpoints: int = 2
-    gradient_accumulation: int = 1
-    mixed_precision: str = "no"  # no | fp16 | bf16 (GPU)
-    gradient_checkpointing: bool = False
-    train_text_encoder: bool = True
-    text_encoder_lr: float | None = None  # peak lr of the text encoder (kohya's text_encoder_lr); None: lr
-    lora: LoraSettings | None = None
-    log_every: int = 10  # tracker logging interval (steps)
-
-
-@dataclass
-class ValidationSettings:
-    prompts: tuple[str, ...] = ()
-    every: int = 0  # steps; 0: only at the end (when prompts are given)
-    seed: int = 0
-    steps: int | None = None
-    guidance_scale: float | None = None
-    negative_prompt: str = ""
-
-
-@dataclass
-class OutputSettings:
-    path: str | None = None
-    dtype: str = "float16"
-    diffusers: bool = False  # also write a diffusers folder at PATH-diffusers
-
-
-@dataclass
-class RunConfig:
-    """A whole training run, as read from YAML."""
-
-    model_init: str | None
-    model_sections: dict[str, Any]
-    vae: str | None
-    data: DataSettings
-    training: TrainSettings
-    validation: ValidationSettings
-    output: OutputSettings
-    run_dir: str | None = None  # default: runs/<config file stem> (scripts/train.py)
-    source: str = "config"
-
-    @property
-    def lora(self) -> LoraSettings | None:
-        return self.training.lora
-
-
-_TOP_LEVEL = ("model", "vae", "data", "training", "validation", "output", "run_dir")
-
-
-def apply_overrides(config: dict, overrides: Sequence[str]) -> dict:
-    """Set ``a.b.c=value`` pairs (values parsed as YAML) in the nested dict ``config``, in place."""
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        parts = key.split(".")
-        node = config
-        for depth, part in enumerate(parts[:-1]):
-            if not isinstance(node.get(part), dict):
-                if node.get(part) is not None:
-                    raise ConfigError(f"override {key}: {'.'.join(parts[:depth + 1])} is not a section")
-                node[part] = {}
-            node = node[part]
-        node[parts[-1]] = _parse_value(text)
-    return config
-
-
-def _parse_value(text: str) -> Any:
-    """A YAML value, with ``1e-4`` read as a number (YAML 1.1 wants ``1.0e-4``)."""
-    value = yaml.safe_load(text) if text.strip() else None
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
-def read_run_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
-    """Read a training YAML strictly, after applying dotted overrides.
-
-    Raises:
-        ConfigError: missing file, bad YAML, an unknown key (named by its dotted path), bad values.
-    """
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
-    return parse_run_config(apply_overrides(data, overrides), source=str(path))
-
-
-def parse_run_config(data: dict, *, source: str = "config") -> RunConfig:
-    _reject_unknown(data, _TOP_LEVEL, source, "")
-    model = dict(data.get("model") or {})
-    _reject_unknown(model, ("init", *_PIPELINE_SECTIONS), source, "model.")
-    init = model.pop("init", None)
-    architecture = sorted(set(model) - set(_INIT_OVERRIDABLE))
-    if init is not None and architecture:
-        raise ConfigError(f"{source}: model.init and model.{architecture[0]} exclude each other "
-                          "(a pretrained model brings its own architecture)")
-    if init is None and not model:
-        raise ConfigError(f"{source}: model needs init (a pretrained model) or unet/text_encoder sections")
-    if init is None:
-        PipelineConfig.from_dict(model, source=f"{source}: model")  # strict check now, not after loading data
-    else:  # partial sections: their values merge into the init model's when it is loaded; check the keys now
-        for name, values in model.items():
-            _reject_unknown(values or {}, [f.name for f in dataclasses.fields(SECTION_CLASSES[name])], source,
-                            f"model.{name}.")
-    training_dict = dict(data.get("training") or {})
-    lora = training_dict.pop("lora", None)
-    settings = _build(TrainSettings, training_dict, source, "training")
-    if lora is not None:
-        settings.lora = _build(LoraSettings, lora, source, "training.lora")
-    output = data.get("output")
-    output = {"path": output} if isinstance(output, str) else (output or {})
-    validation = dict(data.get("validation") or {})
-    config = RunConfig(
-        model_init=None if init is None else str(init), model_sections=model,
-        vae=None if data.get("vae") is None else str(data["vae"]),
-        data=_build(DataSettings, data.get("data") or {}, source, "data"), training=settings,
-        validation=_build(ValidationSettings, validation, source, "validation"),
-        output=_build(OutputSettings, output, source, "output"),
-        run_dir=None if data.get("run_dir") is None else str(data["run_dir"]), source=source)
-    _check_values(config)
-    return config
-
-
-def _reject_unknown(values: dict, known: Sequence[str], source: str, prefix: str) -> None:
-    if not isinstance(values, dict):
-        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'} must be a mapping")
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ConfigError(f"{source}: unknown key '{prefix}{unknown[0]}'")
-
-
-def _build(cls, values: dict, source: str, section: str):
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    _reject_unknown(values, list(fields), source, f"{section}.")
-    values = dict(values)
-    for name, value in values.items():
-        if isinstance(value, str) and "float" in str(fields[name].type):  # YAML reads 1e-4 as a string
-            try:
-                values[name] = float(value)
-            except ValueError:
-                raise ConfigError(f"{source}: {section}.{name} must be a number, got {value!r}") from None
-        elif isinstance(value, list) and "tuple" in str(fields[name].type):  # YAML has lists, the fields tuples
-            values[name] = tuple(value)
-    return cls(**values)
-
-
-def _check_values(config: RunConfig) -> None:
-    where, t, d = config.source, config.training, config.data
-    if d.kind not in DATA_KINDS:
-        raise ConfigError(f"{where}: data.kind must be one of {DATA_KINDS}, got {d.kind!r}")
-    if d.kind != "procedural" and not d.source:
-        raise ConfigError(f"{where}: data.source (a folder or hub dataset id) is required for kind {d.kind!r}")
-    if t.mixed_precision not in PRECISIONS:
-        raise ConfigError(f"{where}: training.mixed_precision must be one of {PRECISIONS}")
-    if config.output.dtype not in OUTPUT_DTYPES:
-        raise ConfigError(f"{where}: output.dtype must be one of {tuple(OUTPUT_DTYPES)}")
-    for name in ("batch_size", "steps", "checkpoint_every", "keep_checkpoints", "gradient_accumulation"):
-        if getattr(t, name) < 1:
-            raise ConfigError(f"{where}: training.{name} must be >= 1")
-    if config.model_init is None and config.vae is None:
-        raise ConfigError(f"{where}: a fresh model (no model.init) needs vae: a folder from train_autoencoder.py")
-    if t.text_encoder_lr is not None:
-        if t.text_encoder_lr <= 0 or t.lr <= 0:
-            raise ConfigError(f"{where}: training.text_encoder_lr and training.lr must be > 0")
-        if not (t.lora.text_encoder if t.lora is not None else t.train_text_encoder):
-            raise ConfigError(f"{where}: training.text_encoder_lr is set but the text encoder is not trained")
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,12 +61,10 @@ def _check_values(config: RunConfig) -> None:
 
 def load_vae_folder(folder: str | Path):
     """The frozen autoencoder written by ``scripts/toy/train_autoencoder.py`` (``vae.yaml`` + ``vae.safetensors``)."""
-    from autoencoder.model import AutoencoderConfig, AutoencoderKL
-
     folder = Path(folder)
     if not (folder / "vae.yaml").is_file():
         raise ConfigError(f"vae folder {folder} has no vae.yaml (write it with scripts/toy/train_autoencoder.py)")
-    meta = yaml.safe_load((folder / "vae.yaml").read_text(encoding="utf-8"))
+    meta = read_yaml(folder / "vae.yaml", what="vae config")
     vae = AutoencoderKL(AutoencoderConfig.from_dict(meta["model"]))
     vae.load_state_dict(checkpoints.load_state_dict(folder / "vae.safetensors"))
     return vae
@@ -303,10 +72,6 @@ def load_vae_folder(folder: str | Path):
 
 def build_pipeline(config: RunConfig):
     """The starting pipeline: pretrained (``model.init``) or fresh weights seeded by ``training.seed``."""
-    from ldm.pipeline import Txt2ImgPipeline
-    from ldm.models.text_encoders import build_text_encoder
-    from ldm.models.unet import UNetModel
-
     if config.model_init is not None:
         pipe = Txt2ImgPipeline.from_pretrained(config.model_init)
         if config.vae is not None:
@@ -349,8 +114,6 @@ def prepare_trainable(pipe, settings: TrainSettings) -> dict[str, nn.Module]:
     pipe.vae.requires_grad_(False).eval()
     train_text = settings.train_text_encoder
     if settings.lora is not None:
-        from ldm.formats.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora
-
         lora = settings.lora
         add_lora(pipe.unet, lora.rank, lora.alpha, lora.unet_targets or UNET_TARGETS, dropout=lora.dropout)
         pipe.text_encoder.requires_grad_(False)
@@ -414,8 +177,6 @@ class ProceduralLatents:
     @torch.no_grad()
     def build(cls, vae, settings: DataSettings, cache: Path, batch_size: int, device) -> "ProceduralLatents":
         """Posterior-mean latents ``z [N, C, h, w]`` of ``pool_size`` procedural images, cached in ``cache``."""
-        from ldm.toy.procedural import ProceduralDataset, images_to_tensor
-
         captions_file = cache.with_suffix(".json")
         if captions_file.is_file() and cache.is_file():
             captions = json.loads(captions_file.read_text(encoding="utf-8"))
@@ -476,8 +237,6 @@ class ImageBatches:
         self._iterator: Iterator | None = None
 
     def _stream(self) -> Iterator[dict]:
-        from ldm.training.data import collate_batch
-
         self.sampler.set_position(*self.sampler.position_after(self.batches_done))
         while True:
             loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=_RankBatches(self.sampler, self.rank,
@@ -502,8 +261,6 @@ class ImageBatches:
 
 def build_image_data(config: RunConfig, pipe, run_dir: Path, device, *, rank: int = 0, world: int = 1):
     """Dataset -> (optional latent cache) -> bucket sampler; logs the :class:`ldm.training.data.DataReport`."""
-    from ldm.training.data import BucketBatchSampler, ImageCaptionDataset, cache_latents, load_image_caption_dataset
-
     d = config.data
     rows = load_image_caption_dataset(d.source, image_column=d.image_column, caption_column=d.caption_column,
                                       split=d.split, repeats_column=d.repeats_column)
@@ -581,8 +338,6 @@ def render_validation(pipe, settings: ValidationSettings, path: Path) -> Path:
 
     Uses the current training weights (not the EMA average), so grids show what the optimizer did.
     """
-    from ldm.images import make_grid
-
     modes = {name: getattr(pipe, name).training for name in ("unet", "text_encoder")}
     pipe.unet.eval(), pipe.text_encoder.eval()
     try:
@@ -610,8 +365,6 @@ def export_model(pipe, trained: dict[str, nn.Module], emas: dict, config: RunCon
         ema.copy_to(TrainableParameters(trained[name]))
     dtype = OUTPUT_DTYPES[out.dtype]
     if config.lora is not None:
-        from ldm.formats.lora import save_lora
-
         path.mkdir(parents=True, exist_ok=True)
         save_lora(path / "lora.safetensors", unet=pipe.unet,
                   text_encoder=pipe.text_encoder if "text_encoder" in trained else None, dtype=dtype,
@@ -638,6 +391,47 @@ class TrainResult:
     samples_per_second: float = 0.0  # this session's training loop (data, forward, backward, optimizer, EMA)
 
 
+
+
+@dataclass
+class TrainingRun:
+    """What one training session holds, handed from step to step of :func:`train`."""
+
+    config: RunConfig
+    run_dir: Path
+    accelerator: Any  # accelerate.Accelerator
+    pipe: Txt2ImgPipeline
+    trained: dict[str, nn.Module]  # the networks whose (adapter) parameters are trained
+    emas: dict[str, EMA]
+    optimizer: Any  # torch AdamW; accelerate's wrapper of it after start_session
+    parameters: list[nn.Parameter]  # every trained parameter (gradient clipping)
+    step: int = 0  # optimizer steps done
+    elapsed: float = 0.0  # training seconds of earlier sessions (from the checkpoint)
+    data_state: dict = field(default_factory=dict)  # data position from the checkpoint
+    data: Any = None  # ProceduralLatents | ImageBatches (load_run_data)
+    wrapped: dict[str, nn.Module] = field(default_factory=dict)  # accelerate-prepared trained networks
+    losses: list[float] = field(default_factory=list)  # per optimizer step, this session
+    samples_per_second: float = 0.0
+    # Clocks and progress of this session (start_session).
+    started: float = 0.0  # perf_counter() at which the run (all sessions) would have started
+    session_start: float = 0.0
+    session_first: int = 0  # step at which this session started
+    last_log: float = 0.0
+    running: float | None = None  # smoothed loss
+    bar: Any = None  # tqdm progress bar, or None
+
+    @property
+    def samples_per_step(self) -> int:
+        """Images per optimizer step over all processes."""
+        t = self.config.training
+        return t.batch_size * t.gradient_accumulation * self.accelerator.num_processes
+
+    def note(self, seconds: float) -> dict:
+        """The ``training.json`` written beside the exported model."""
+        return {"config": self.config.source, "steps": self.step, "train_seconds": round(seconds),
+                "samples_seen": self.step * self.samples_per_step}
+
+
 def train(config: RunConfig, run_dir: str | Path, *, resume: str = "auto", export_only: bool = False,
           progress: bool = True) -> TrainResult:
     """Train (or resume) the run described by ``config`` in ``run_dir``; export the final model.
@@ -647,127 +441,184 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: str = "auto", expor
             (require one).
         export_only: write the newest checkpoint's (EMA) weights to ``output`` without training.
     """
+    run = setup_run(config, Path(run_dir))
+    resume_from_checkpoint(run, required=resume == "latest")
+    if export_only:
+        return export_checkpoint(run)
+    load_run_data(run)
+    start_session(run, progress=progress)
+    t, v = config.training, config.validation
+    while run.step < t.steps:
+        loss, lr = training_step(run)
+        log_step(run, loss, lr)
+        if run.step % t.checkpoint_every == 0 or run.step == t.steps:
+            save_run_checkpoint(run)
+        if v.prompts and run.accelerator.is_main_process and (
+                (v.every and run.step % v.every == 0) or run.step == t.steps):
+            render_validation(run.pipe, v, run.run_dir / "validation" / f"step-{run.step:07d}.png")
+    return finish_run(run)
+
+
+def setup_run(config: RunConfig, run_dir: Path) -> TrainingRun:
+    """The accelerator, the pipeline (fp32 master weights on the device), trainable networks, EMAs and
+    the AdamW optimizer of a fresh session (step 0)."""
+    # accelerate takes ~1.5 s to import (and pulls in its own heavy deps); only a training session needs it.
     from accelerate import Accelerator
 
-    from ldm.training.ema import EMA
-
-    run_dir = Path(run_dir)
     t = config.training
     accelerator = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.gradient_accumulation,
                               log_with=_available_trackers(), project_dir=str(run_dir))
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     pipe = build_pipeline(config)
     trained = prepare_trainable(pipe, t)
-    pipe.to(device, torch.float32)  # master weights in fp32; accelerate's autocast runs the mixed precision
+    pipe.to(accelerator.device, torch.float32)  # master weights in fp32; accelerate's autocast runs mixed precision
     emas = {name: EMA(TrainableParameters(module), t.ema_decay) for name, module in trained.items()} \
         if t.ema_decay else {}
     groups = parameter_groups(trained, t)
-    parameters = [p for group in groups for p in group["params"]]
     optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+    return TrainingRun(config, run_dir, accelerator, pipe, trained, emas, optimizer,
+                       parameters=[p for group in groups for p in group["params"]])
 
-    step, elapsed, data_state = 0, 0.0, {}
-    resumed = run_state.load_latest_checkpoint(run_dir)
-    if resumed is None and resume == "latest":
-        raise ConfigError(f"--resume latest: no checkpoint in {run_dir / 'checkpoints'}")
-    if resumed is not None:
-        weights, state = resumed
-        load_trained_weights(trained, weights, lora=config.lora is not None, where=str(run_dir))
-        optimizer.load_state_dict(state["optimizer"])
-        for name, ema in emas.items():
-            if f"ema_{_short(name)}" in state:
-                ema.load_state_dict(state[f"ema_{_short(name)}"])
-        step, elapsed, data_state = state["step"], state.get("elapsed", 0.0), state.get("data", {})
-        run_state.set_rng_state(state["rng"])
-    note = {"config": config.source, "steps": step, "train_seconds": round(elapsed),
-            "samples_seen": step * t.batch_size * t.gradient_accumulation * world}
-    if export_only:
-        if accelerator.is_main_process:
-            return TrainResult(step, output=export_model(pipe, trained, emas, config, note))
-        return TrainResult(step)
 
+def resume_from_checkpoint(run: TrainingRun, *, required: bool = False) -> bool:
+    """Load the newest checkpoint of ``run.run_dir`` (weights, optimizer, EMAs, step, elapsed time, data
+    position, RNG); returns whether there was one.
+
+    Raises:
+        ConfigError: ``required`` (``--resume latest``) and there is no checkpoint.
+    """
+    resumed = run_state.load_latest_checkpoint(run.run_dir)
+    if resumed is None and required:
+        raise ConfigError(f"--resume latest: no checkpoint in {run.run_dir / 'checkpoints'}")
+    if resumed is None:
+        return False
+    weights, state = resumed
+    load_trained_weights(run.trained, weights, lora=run.config.lora is not None, where=str(run.run_dir))
+    run.optimizer.load_state_dict(state["optimizer"])
+    for name, ema in run.emas.items():
+        if f"ema_{_short(name)}" in state:
+            ema.load_state_dict(state[f"ema_{_short(name)}"])
+    run.step, run.elapsed, run.data_state = state["step"], state.get("elapsed", 0.0), state.get("data", {})
+    run_state.set_rng_state(state["rng"])
+    return True
+
+
+def export_checkpoint(run: TrainingRun) -> TrainResult:
+    """``--export``: write the loaded checkpoint's (EMA) weights to ``output`` without training (main process)."""
+    if run.accelerator.is_main_process:
+        return TrainResult(run.step, output=export_model(run.pipe, run.trained, run.emas, run.config,
+                                                         run.note(run.elapsed)))
+    return TrainResult(run.step)
+
+
+def load_run_data(run: TrainingRun) -> None:
+    """The run's batches (procedural latents or an image dataset), positioned where the checkpoint left off."""
+    config, accelerator = run.config, run.accelerator
     if config.data.kind == "procedural":
-        data = ProceduralLatents.build(pipe.vae, config.data, run_dir / "latents.safetensors", t.batch_size, device)
+        run.data = ProceduralLatents.build(run.pipe.vae, config.data, run.run_dir / "latents.safetensors",
+                                           config.training.batch_size, accelerator.device)
     else:
-        data, _ = build_image_data(config, pipe, run_dir, device, rank=rank, world=world)
-    data.load_state_dict(data_state)
+        run.data, _ = build_image_data(config, run.pipe, run.run_dir, accelerator.device,
+                                       rank=accelerator.process_index, world=accelerator.num_processes)
+    run.data.load_state_dict(run.data_state)
 
-    models = [m for m in trained.values()]
-    prepared = accelerator.prepare(*models, optimizer)
+
+def start_session(run: TrainingRun, *, progress: bool = True) -> None:
+    """Hand the trained networks and the optimizer to accelerate, switch to train mode, start trackers,
+    clocks and the progress bar."""
+    t, accelerator = run.config.training, run.accelerator
+    models = list(run.trained.values())
+    prepared = accelerator.prepare(*models, run.optimizer)
     prepared = prepared if isinstance(prepared, (list, tuple)) else (prepared,)
-    wrapped = dict(zip(trained, prepared[:len(models)]))
-    optimizer = prepared[len(models)]
-    unet_fn = wrapped["unet"]
-    text_fn = wrapped.get("text_encoder", pipe.text_encoder)
-    for module in trained.values():
+    run.wrapped = dict(zip(run.trained, prepared[:len(models)]))
+    run.optimizer = prepared[len(models)]
+    for module in run.trained.values():
         module.train()
     if _available_trackers():
         accelerator.init_trackers("train")
-
-    schedule = pipe.schedule
+    schedule = run.pipe.schedule
     if schedule.config.rescale_betas_zero_snr and t.min_snr_gamma is not None:
         logger.warning("Min-SNR-gamma gives the zero-SNR timestep (t = %d) weight 0, so the model never learns "
                        "it; set training.min_snr_gamma: null", schedule.num_train_timesteps - 1)
-    result = TrainResult(step)
-    started, session_start, session_first = time.perf_counter() - elapsed, time.perf_counter(), step
-    last_log, running = time.perf_counter(), None
-    bar = _progress_bar(step, t.steps, enabled=progress and accelerator.is_local_main_process)
-    while step < t.steps:
-        lr = run_state.warmup_cosine_lr(step, base_lr=t.lr, warmup_steps=t.warmup_steps, total_steps=t.steps,
-                                       final_lr=t.final_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-        step_loss = 0.0
-        for micro in range(t.gradient_accumulation):
-            generator = step_generator(t.seed, step, micro, t.gradient_accumulation, rank, world)
-            batch = data.next_batch(generator)
-            with accelerator.autocast():
-                z = _latents(batch, pipe.vae, device)
-            with accelerator.accumulate(*wrapped.values()), accelerator.autocast():
-                loss = diffusion_loss_on_batch(unet_fn, text_fn, pipe.text_encoder.tokenizer, schedule, z,
-                                               batch["captions"], t, generator)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and t.grad_clip:
-                    accelerator.clip_grad_norm_(parameters, t.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            step_loss += loss.item() / t.gradient_accumulation
-        for name, ema in emas.items():
-            ema.update(TrainableParameters(trained[name]))
-        step += 1
-        result.losses.append(step_loss)
-        running = step_loss if running is None else 0.98 * running + 0.02 * step_loss
-        rate = (step - session_first) * t.batch_size * t.gradient_accumulation * world / max(
-            1e-9, time.perf_counter() - session_start)
-        result.samples_per_second = rate
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
-        if step % t.log_every == 0 or step == t.steps:
-            accelerator.log({"loss": step_loss, "lr": lr}, step=step)
-        if time.perf_counter() - last_log > 60 or step == t.steps:
-            logger.info("step %d/%d loss %.4f lr %.2e %.1f samples/s", step, t.steps, running, lr, rate)
-            last_log = time.perf_counter()
-        if step % t.checkpoint_every == 0 or step == t.steps:
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                state = {"optimizer": optimizer.state_dict(), "rng": run_state.rng_state(),
-                         "elapsed": time.perf_counter() - started, "data": data.state_dict(),
-                         **{f"ema_{_short(name)}": ema.state_dict() for name, ema in emas.items()}}
-                weights = trained_weights(trained, lora=config.lora is not None)
-                run_state.save_checkpoint(run_dir, step, weights, state, keep=t.keep_checkpoints)
-        v = config.validation
-        if v.prompts and accelerator.is_main_process and ((v.every and step % v.every == 0) or step == t.steps):
-            render_validation(pipe, v, run_dir / "validation" / f"step-{step:07d}.png")
-    if bar is not None:
-        bar.close()
-    accelerator.wait_for_everyone()
-    note.update(steps=step, train_seconds=round(time.perf_counter() - started),
-                samples_seen=step * t.batch_size * t.gradient_accumulation * world)
-    result.step = step
-    if accelerator.is_main_process:
-        result.output = export_model(pipe, trained, emas, config, note)
-    accelerator.end_training()
-    return result
+    run.started, run.session_start, run.session_first = time.perf_counter() - run.elapsed, time.perf_counter(), run.step
+    run.last_log, run.running = time.perf_counter(), None
+    run.bar = _progress_bar(run.step, t.steps, enabled=progress and accelerator.is_local_main_process)
+
+
+def training_step(run: TrainingRun) -> tuple[float, float]:
+    """One optimizer step (``gradient_accumulation`` micro-batches) and the EMA update; ``run.step`` += 1.
+
+    Returns:
+        (the step's mean loss, its learning rate).
+    """
+    t, accelerator, pipe = run.config.training, run.accelerator, run.pipe
+    lr = run_state.warmup_cosine_lr(run.step, base_lr=t.lr, warmup_steps=t.warmup_steps, total_steps=t.steps,
+                                   final_lr=t.final_lr)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    unet_fn = run.wrapped["unet"]
+    text_fn = run.wrapped.get("text_encoder", pipe.text_encoder)
+    step_loss = 0.0
+    for micro in range(t.gradient_accumulation):
+        generator = step_generator(t.seed, run.step, micro, t.gradient_accumulation, accelerator.process_index,
+                                   accelerator.num_processes)
+        batch = run.data.next_batch(generator)
+        with accelerator.autocast():
+            z = _latents(batch, pipe.vae, accelerator.device)
+        with accelerator.accumulate(*run.wrapped.values()), accelerator.autocast():
+            loss = diffusion_loss_on_batch(unet_fn, text_fn, pipe.text_encoder.tokenizer, pipe.schedule, z,
+                                           batch["captions"], t, generator)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and t.grad_clip:
+                accelerator.clip_grad_norm_(run.parameters, t.grad_clip)
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        step_loss += loss.item() / t.gradient_accumulation
+    for name, ema in run.emas.items():
+        ema.update(TrainableParameters(run.trained[name]))
+    run.step += 1
+    return step_loss, lr
+
+
+def log_step(run: TrainingRun, loss: float, lr: float) -> None:
+    """Record the step's loss; update the progress bar, the trackers (every ``log_every`` steps) and the
+    log (every minute, and at the last step)."""
+    t = run.config.training
+    run.losses.append(loss)
+    run.running = loss if run.running is None else 0.98 * run.running + 0.02 * loss
+    rate = (run.step - run.session_first) * run.samples_per_step / max(1e-9, time.perf_counter() - run.session_start)
+    run.samples_per_second = rate
+    if run.bar is not None:
+        run.bar.update(1)
+        run.bar.set_postfix(loss=f"{run.running:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
+    if run.step % t.log_every == 0 or run.step == t.steps:
+        run.accelerator.log({"loss": loss, "lr": lr}, step=run.step)
+    if time.perf_counter() - run.last_log > 60 or run.step == t.steps:
+        logger.info("step %d/%d loss %.4f lr %.2e %.1f samples/s", run.step, t.steps, run.running, lr, rate)
+        run.last_log = time.perf_counter()
+
+
+def save_run_checkpoint(run: TrainingRun) -> None:
+    """Write ``run_dir/checkpoints/step-N`` (weights, optimizer, EMAs, RNG, elapsed time, data position);
+    every process waits, the main process writes."""
+    run.accelerator.wait_for_everyone()
+    if run.accelerator.is_main_process:
+        state = {"optimizer": run.optimizer.state_dict(), "rng": run_state.rng_state(),
+                 "elapsed": time.perf_counter() - run.started, "data": run.data.state_dict(),
+                 **{f"ema_{_short(name)}": ema.state_dict() for name, ema in run.emas.items()}}
+        weights = trained_weights(run.trained, lora=run.config.lora is not None)
+        run_state.save_checkpoint(run.run_dir, run.step, weights, state, keep=run.config.training.keep_checkpoints)
+
+
+def finish_run(run: TrainingRun) -> TrainResult:
+    """Close the session: the main process exports the final (EMA) model; trackers end."""
+    if run.bar is not None:
+        run.bar.close()
+    run.accelerator.wait_for_everyone()
+    note = run.note(time.perf_counter() - run.started)
+    output = export_model(run.pipe, run.trained, run.emas, run.config, note) \
+        if run.accelerator.is_main_process else None
+    run.accelerator.end_training()
+    return TrainResult(run.step, run.losses, output, run.samples_per_second)
 
 
 def _short(name: str) -> str:
@@ -784,19 +635,17 @@ def _latents(batch: dict, vae, device) -> torch.Tensor:
 
 
 def _available_trackers() -> list[str] | None:
-    import importlib.util
-
     return ["tensorboard"] if importlib.util.find_spec("tensorboard") is not None else None
 
 
 def _progress_bar(step: int, total: int, *, enabled: bool):
     if not enabled:
         return None
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, leave=False)
 
 
-__all__ = ["RunConfig", "DataSettings", "TrainSettings", "LoraSettings", "ValidationSettings", "OutputSettings",
-           "apply_overrides", "read_run_config", "parse_run_config", "train", "TrainResult",
-           "diffusion_loss_on_batch", "step_generator", "TrainableParameters"]
+__all__ = ["train", "TrainResult", "TrainingRun", "setup_run", "resume_from_checkpoint", "export_checkpoint",
+           "load_run_data", "start_session", "training_step", "log_step", "save_run_checkpoint", "finish_run",
+           "build_pipeline", "load_vae_folder", "prepare_trainable", "parameter_groups", "diffusion_loss_on_batch",
+           "step_generator", "render_validation", "export_model", "TrainableParameters", "ProceduralLatents",
+           "ImageBatches"]

@@ -88,7 +88,7 @@ def write_random_checkpoint(path: Path) -> None:
 
     from ldm.formats import checkpoints
     from ldm.pipeline import Txt2ImgPipeline
-    from ldm.formats.single_file import original_state_dict
+    from ldm.formats.single_file_write import original_state_dict
 
     config = sd15_config()
     torch.manual_seed(0)
@@ -114,14 +114,14 @@ def write_diffusers_configs(folder: Path) -> None:
     config = sd15_config()
     temporary = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(temporary, ignore_errors=True)
-    diffusers_io._write_json(_mkdir(temporary) / "model_index.json", diffusers_io._model_index(config))
+    diffusers_io.write_json(_mkdir(temporary) / "model_index.json", diffusers_io.model_index(config))
     for name, keymap in (("unet", unet_keymap), ("vae", vae_keymap), ("text_encoder", text_keymap)):
-        diffusers_io._write_json(_mkdir(temporary / name) / "config.json",
-                                 diffusers_io._component_config_json(name, keymap, config))
+        diffusers_io.write_json(_mkdir(temporary / name) / "config.json",
+                                diffusers_io.component_config_json(name, keymap, config))
     ClipTokenizer(max_length=config.text_encoder.max_length, pad=config.text_encoder.pad).save_pretrained(
         _mkdir(temporary / "tokenizer"))
-    diffusers_io._write_json(_mkdir(temporary / "scheduler") / "scheduler_config.json",
-                             diffusers_io._scheduler_json(config))
+    diffusers_io.write_json(_mkdir(temporary / "scheduler") / "scheduler_config.json",
+                            diffusers_io.scheduler_json(config))
     temporary.rename(folder)
 
 

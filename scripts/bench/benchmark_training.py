@@ -29,8 +29,9 @@ from pathlib import Path
 import torch
 
 
-from ldm.formats import checkpoints  # noqa: E402
-from ldm.training.trainer import parse_run_config, train  # noqa: E402
+from ldm.formats import checkpoints
+from ldm.training.run_config import parse_run_config
+from ldm.training.trainer import train
 
 logger = logging.getLogger("benchmark_training")
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 
-from ldm.cli import OneLineErrorParser  # noqa: E402
+from ldm.cli import OneLineErrorParser
 
 logger = logging.getLogger("concept_demo")
 

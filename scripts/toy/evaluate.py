@@ -19,8 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-
-SAMPLER_NAMES = ("ddpm", "ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m")
+from ldm.sampling.registry import SAMPLER_NAMES
 
 
 def build_parser() -> argparse.ArgumentParser:

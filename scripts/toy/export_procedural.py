@@ -1,3 +1,4 @@
+#!/usr/bin/env python
 """Export procedural captioned images as an ``imagefolder`` (PNGs + metadata.jsonl).
 
     python scripts/toy/export_procedural.py --out data/shapes --n 10000 --seed 0 --split train
@@ -14,7 +15,7 @@ import time
 from pathlib import Path
 
 
-from ldm.toy.procedural import SPLITS, export_imagefolder  # noqa: E402
+from ldm.toy.procedural import SPLITS, export_imagefolder
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -33,12 +33,12 @@ import torch
 import yaml
 
 
-from autoencoder.losses import autoencoder_loss, psnr, reconstruction_terms  # noqa: E402
-from autoencoder.model import AutoencoderConfig, AutoencoderKL  # noqa: E402
+from autoencoder.losses import autoencoder_loss, psnr, reconstruction_terms
+from autoencoder.model import AutoencoderConfig, AutoencoderKL
 from ldm.formats import checkpoints
-from ldm.training import run_state  # noqa: E402
-from ldm.config_io import strict_from_dict  # noqa: E402
-from ldm.toy.procedural import ProceduralDataset, images_to_tensor  # noqa: E402
+from ldm.training import run_state
+from ldm.config_io import check_keys, read_yaml, strict_from_dict
+from ldm.toy.procedural import ProceduralDataset, images_to_tensor
 
 logger = logging.getLogger("train_autoencoder")
 
@@ -76,22 +76,16 @@ class JointFinetuneConfig(DecoderFinetuneConfig):
     anchor_weight: float = 0.02  # weight of the mean squared latent drift from the stage-2 encoder
 
 
-def _section(cls, data: dict, name: str, path: Path):
-    try:
-        return strict_from_dict(cls, data.get(name) or {})
-    except ValueError as error:
-        raise ValueError(f"{path}: {name}: {error}") from None
+SECTIONS = {"model": AutoencoderConfig, "training": VAETrainConfig, "decoder_finetune": DecoderFinetuneConfig,
+            "joint_finetune": JointFinetuneConfig}
 
 
 def read_config(path: Path) -> tuple[AutoencoderConfig, VAETrainConfig, DecoderFinetuneConfig, JointFinetuneConfig]:
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    unknown = sorted(set(data) - {"model", "training", "decoder_finetune", "joint_finetune"})
-    if unknown:
-        raise ValueError(f"{path}: unknown key {unknown[0]!r}")
-    model = AutoencoderConfig.from_dict(data.get("model", {}))
-    return (model, _section(VAETrainConfig, data, "training", path),
-            _section(DecoderFinetuneConfig, data, "decoder_finetune", path),
-            _section(JointFinetuneConfig, data, "joint_finetune", path))
+    """The config's sections, read strictly: an unknown key or a bad value is a ConfigError naming its dotted path."""
+    data = read_yaml(path) or {}
+    check_keys(data, SECTIONS, source=str(path))
+    return tuple(strict_from_dict(cls, data.get(name) or {}, source=str(path), key=name)
+                 for name, cls in SECTIONS.items())
 
 
 def image_pool(seed: int, n: int, split: str = "train") -> torch.Tensor:

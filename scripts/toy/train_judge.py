@@ -1,3 +1,4 @@
+#!/usr/bin/env python
 """Train the judge (object / colour / background classifier) on procedural images.
 
     python scripts/toy/train_judge.py --out ldm/toy/judge_model/judge.safetensors
@@ -21,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 
-from ldm.toy.judge import DEFAULT_JUDGE_PATH, HEADS, Judge, JudgeConfig  # noqa: E402
-from ldm.toy.procedural import BACKGROUNDS, COLOURS, OBJECTS, ProceduralDataset, images_to_tensor  # noqa: E402
+from ldm.toy.judge import DEFAULT_JUDGE_PATH, HEADS, Judge, JudgeConfig
+from ldm.toy.procedural import BACKGROUNDS, COLOURS, OBJECTS, ProceduralDataset, images_to_tensor
 
 logger = logging.getLogger("train_judge")
 

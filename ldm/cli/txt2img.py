@@ -1,0 +1,216 @@
+"""Generate images from text prompts.
+
+    python scripts/txt2img.py "a red bicycle"
+    python scripts/txt2img.py "a castle" --model path/to/stable-diffusion-v1-5 --steps 25 --seed 7
+    python scripts/txt2img.py "a castle" --model v2-1_768-ema-pruned.safetensors --prediction v
+
+Writes numbered PNGs into --outdir (never overwriting a file), each carrying its generation
+parameters in the AUTOMATIC1111 "parameters" text chunk, and prints their paths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+from ldm.cli import OneLineErrorParser
+from ldm.sampling.registry import SAMPLER_NAMES
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineErrorParser(
+        prog="txt2img.py",
+        description="Generate images from a text prompt with a Stable-Diffusion-style model.",
+        epilog="Prompts are encoded with the CLIP tokenizer, which reads at most 77 tokens for Stable "
+        "Diffusion (75 words or word pieces; 32 tokens for the small default model): longer prompts "
+        "are truncated with a warning.",
+    )
+    parser.add_argument("prompt", nargs="?", help="what to draw (or use --from-file)")
+    parser.add_argument("--negative-prompt", default="", help="what to steer away from")
+    parser.add_argument("--from-file", type=Path, help="read prompts from this file, one per line")
+    parser.add_argument("--model", help="model folder (ours or diffusers), original single-file checkpoint "
+                        "(.safetensors/.ckpt) or hub id; default: the shipped model")
+    parser.add_argument("--config", type=Path, help="single-file --model: CompVis YAML (e.g. "
+                        "configs/sd-v2-inference-v.yaml) or this package's config.yaml")
+    parser.add_argument("--prediction", choices=("eps", "v"),
+                        help="single-file --model: the U-Net predicts noise (eps) or velocity (v: SD 2.x 768-v)")
+    parser.add_argument("--vae", type=Path, help="single-file --model: use this VAE file instead of the checkpoint's")
+    parser.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
+    parser.add_argument("--scale", type=float, help="classifier-free guidance scale (default: the model's)")
+    parser.add_argument("--sampler", choices=SAMPLER_NAMES, help="sampler (default: the model's)")
+    parser.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None,
+                        help="use Karras et al. (2022) sigmas (default: the model's)")
+    parser.add_argument("--eta", type=float, help="DDIM eta: 0 deterministic, 1 ancestral (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed+k")
+    parser.add_argument("--n-samples", type=int, default=1, help="images per prompt")
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="images sampled together as one batch (faster on a GPU). 1 (default): each image "
+                        "is bitwise the one its seed gives alone; larger batches agree with that to within "
+                        "float rounding on the CPU, not bitwise")
+    parser.add_argument("--H", type=int, dest="height", help="image height in pixels, multiple of 8")
+    parser.add_argument("--W", type=int, dest="width", help="image width in pixels, multiple of 8")
+    parser.add_argument("--outdir", type=Path, default=Path("outputs/txt2img"), help="output folder")
+    parser.add_argument("--grid", action=argparse.BooleanOptionalAction, default=True,
+                        help="also save a grid of all images when there is more than one")
+    parser.add_argument("--device", default="auto", help="auto (cuda, mps, then cpu), cpu, cuda, cuda:1, mps")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float16 on GPU, float32 on CPU")
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                        help="apply a LoRA file with strength SCALE (default 1); repeatable, effects add up")
+    parser.add_argument("--vae-tiling", action=argparse.BooleanOptionalAction, default=None,
+                        help="decode the image in overlapping tiles (bounded memory for large images; "
+                        "default: automatically above 1024x1024 pixels)")
+    parser.add_argument("--no-signal-leak", dest="signal_leak", action="store_false", default=None,
+                        help="start from pure noise even when the model has signal-leak statistics")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or info logs")
+    return parser
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """Validate what argparse cannot; return the prompts."""
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
+    for flag, value in (("--H", args.height), ("--W", args.width)):
+        if value is not None and (value < 8 or value % 8):
+            parser.error(f"{flag} must be a positive multiple of 8, got {value}")
+    for flag, value in (("--n-samples", args.n_samples), ("--batch-size", args.batch_size)):
+        if value < 1:
+            parser.error(f"{flag} must be at least 1, got {value}")
+    if args.eta is not None and args.eta < 0:
+        parser.error(f"--eta must be >= 0, got {args.eta}")
+    single_file_options = [flag for flag, value in (("--config", args.config), ("--prediction", args.prediction),
+                                                    ("--vae", args.vae)) if value is not None]
+    if single_file_options and (args.model is None or Path(args.model).expanduser().is_dir()):
+        parser.error(f"{', '.join(single_file_options)} apply to a single-file checkpoint (--model FILE)")
+    args.lora = [parse_lora(parser, spec) for spec in args.lora]
+    if args.from_file is not None:
+        if args.prompt is not None:
+            parser.error("give a prompt or --from-file, not both")
+        try:
+            lines = args.from_file.read_text(encoding="utf-8").splitlines()
+        except OSError as error:
+            parser.error(f"cannot read --from-file {args.from_file}: {error.strerror or error}")
+        prompts = [line.strip() for line in lines if line.strip()]
+        if not prompts:
+            parser.error(f"--from-file {args.from_file} holds no prompts")
+        return prompts
+    if args.prompt is None:
+        parser.error("a prompt is required (or --from-file)")
+    return [args.prompt]
+
+
+def parse_lora(parser: argparse.ArgumentParser, spec: str) -> tuple[Path, float]:
+    """``FILE`` or ``FILE:SCALE`` -> (path, scale); the file must exist."""
+    path, scale = spec, 1.0
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            path, scale = head, float(tail)
+        except ValueError:
+            path = spec
+    if not Path(path).is_file():
+        parser.error(f"--lora file not found: {path}")
+    return Path(path), scale
+
+
+def pick_device(name: str):
+    import torch
+
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(name: str, device):
+    import torch
+
+    if name == "auto":
+        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+    return getattr(torch, name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    prompts = check_arguments(parser, args)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+
+    from ldm.errors import LdmError
+
+    try:
+        return generate(args, prompts)
+    except LdmError as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
+    except RuntimeError as error:
+        if "device" in str(error).lower() and args.device != "auto":
+            print(f"{parser.prog}: error: device {args.device!r} is not usable: {str(error).splitlines()[0]}",
+                  file=sys.stderr)
+            return 2
+        raise
+
+
+def generate(args: argparse.Namespace, prompts: list[str]) -> int:
+    from tqdm import tqdm
+
+    from ldm.images import a1111_parameters, make_grid, save_new_png
+    from ldm.pipeline import Txt2ImgPipeline
+
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    if args.model is not None and Path(args.model).expanduser().is_file():
+        pipe = Txt2ImgPipeline.from_single_file(Path(args.model).expanduser(), args.config, prediction=args.prediction,
+                                                vae=args.vae, device=device, dtype=dtype)
+    else:
+        pipe = Txt2ImgPipeline.from_pretrained(args.model, device=device, dtype=dtype)
+    if args.lora:
+        from ldm.formats.lora import load_lora
+
+        for path, scale in args.lora:
+            load_lora(pipe, path, scale)
+    options = pipe.sampling_options(steps=args.steps, guidance_scale=args.scale, sampler=args.sampler,
+                                    height=args.height, width=args.width, eta=args.eta, karras=args.karras,
+                                    signal_leak=args.signal_leak)
+    model_name = Path(args.model).name if args.model else "default"
+    extra = {"Model": model_name}
+    if args.lora:
+        extra["LoRA"] = ", ".join(f"{path.stem}:{scale:g}" for path, scale in args.lora)
+    if options.signal_leak is not None:
+        extra["Signal leak"] = "on"
+
+    images, seed = [], args.seed
+    for prompt in prompts:
+        for start in range(0, args.n_samples, args.batch_size):
+            count = min(args.batch_size, args.n_samples - start)
+            with tqdm(total=options.steps * count, desc=f"seed {seed}", file=sys.stderr, disable=args.quiet,
+                      leave=False) as bar:
+                batch = pipe(prompt, args.negative_prompt, steps=options.steps,
+                             guidance_scale=options.guidance_scale, sampler=options.sampler, seed=seed,
+                             height=options.height, width=options.width, num_images=count, eta=options.eta,
+                             karras=options.karras, signal_leak=options.signal_leak is not None,
+                             progress=lambda done, total: bar.update(done - bar.n),
+                             batch_invariant=args.batch_size == 1, vae_tiling=args.vae_tiling)
+            for offset, image in enumerate(batch):
+                parameters = a1111_parameters(
+                    prompt, args.negative_prompt, steps=options.steps, sampler=options.sampler,
+                    guidance_scale=options.guidance_scale, seed=seed + offset, width=options.width,
+                    height=options.height, karras=options.karras, extra=extra,
+                )
+                print(save_new_png(image, args.outdir, str(seed + offset), parameters), flush=True)
+            images.extend(batch)
+            seed += count
+    if args.grid and len(images) > 1:
+        print(save_new_png(make_grid(images), args.outdir, "grid"), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

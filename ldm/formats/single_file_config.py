@@ -1,0 +1,243 @@
+"""The configuration of an original single-file checkpoint, read from its weights.
+
+Original SD 1.x/2.x files (:mod:`ldm.formats.single_file`) carry no configuration. When neither the
+caller, the file's metadata nor a CompVis YAML beside it gives one, :func:`infer_config` reads it
+from the shapes of the weights (module-relative state dicts, as
+:func:`ldm.formats.checkpoints.split_components` gives; tensors may live on the meta device):
+
+* U-Net: ``input_blocks.0.0.weight [model_channels, in_channels, 3, 3]``; one level per run of
+  ResBlocks between the Downsamples (``input_blocks.{i}.0.op``), giving ``num_res_blocks``; each
+  level's width from its first ResBlock's ``out_layers.3.weight [channels, channels, 3, 3]``; its
+  attention from a ``proj_in``; ``attn2.to_k.weight [inner, context_dim]``; ``out.2.weight
+  [out_channels, ...]``; ``proj_in.weight`` 2-D (Linear, SD 2.x) or 4-D (1x1 conv, SD 1.x).
+* VAE: ``encoder.conv_in.weight [ch, in_channels, 3, 3]``; per level
+  ``encoder.down.{n}.block.0.conv2.weight [ch * ch_mult[n], ...]``;
+  ``decoder.conv_in.weight [.., latent_channels, 3, 3]``; ``decoder.conv_out.weight [out_ch, ...]``;
+  mid-block attention when ``encoder.mid.attn_1.*`` is present.
+* Text encoder: the key layout gives the family (:func:`text_layout`; SD 1.x: CLIP keys, 8 heads
+  per U-Net attention; SD 2.x: OpenCLIP keys, 64-channel heads, linear ``proj_in``); the token
+  embedding ``[vocab_size, width]``, the position embedding ``[max_length, width]``, the number of
+  blocks and the MLP's ``[hidden, width]`` give the sizes (``text_projection [width, projection_dim]``
+  where present).
+
+What no weight shows takes the Stable Diffusion value (the constants below): 32 normalisation
+groups, 64-channel text-encoder heads, the SD noise schedule, eps prediction, VAE scaling 0.18215.
+
+Two kinds of SD 2.x text encoder are found in single files. A *complete* OpenCLIP tower (every
+Stability release) holds all blocks plus ``text_projection`` and ``logit_scale``; SD 2.x uses the
+penultimate block's output. An *exported* tower (written from a diffusers folder, as diffusers'
+own ``convert_diffusers_to_original_stable_diffusion.py`` does) lacks ``text_projection`` and
+``logit_scale`` and also the last block, which the penultimate-layer model never uses; its stored
+blocks are all used. The first loads as ``kind="openclip"``, the second as a ``kind="clip"``
+transformers tower with GELU, exactly what a diffusers SD 2.x folder loads as
+(:func:`exported_text_config` is the config such a file carries).
+
+Failures raise :class:`~ldm.errors.CheckpointError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Mapping
+
+from torch import Tensor
+
+from autoencoder.model import AutoencoderConfig
+from ldm.config import PipelineConfig, SamplingDefaults
+from ldm.errors import CheckpointError
+from ldm.formats.checkpoints import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
+from ldm.models.text_encoders import TextEncoderConfig
+from ldm.models.unet import UNetConfig
+from ldm.sampling.schedule import ScheduleConfig
+
+__all__ = [
+    "CLIP_TEXT_PREFIX",
+    "COMPVIS_NORM_GROUPS",
+    "DEFAULT_SCALING_FACTOR",
+    "OPENCLIP_PREFIX",
+    "POSITION_IDS",
+    "TEXT_HEAD_CHANNELS",
+    "exported_text_config",
+    "infer_config",
+    "infer_text_config",
+    "infer_unet_config",
+    "infer_vae_config",
+    "key_indices",
+    "native_sampling",
+    "text_layout",
+]
+
+# Text-encoder key layouts, module-relative (no ``cond_stage_model.``).
+CLIP_TEXT_PREFIX = "transformer.text_model."
+OPENCLIP_PREFIX = "model."
+POSITION_IDS = "transformer.text_model.embeddings.position_ids"  # a constant arange SD 1.x files carry
+_OPENCLIP_EXTRAS = ("model.text_projection", "model.logit_scale")
+
+# Values CompVis code hard-codes (not in any YAML) and Stable Diffusion uses.
+COMPVIS_NORM_GROUPS = 32
+TEXT_HEAD_CHANNELS = 64  # CLIP ViT-L/14 (768 / 12) and OpenCLIP ViT-H/14 (1024 / 16)
+SD1_UNET_HEADS = {"num_heads": 8, "num_head_channels": -1}
+SD2_UNET_HEADS = {"num_heads": -1, "num_head_channels": 64}
+DEFAULT_SCALING_FACTOR = 0.18215
+
+
+# --------------------------------------------------------------------------------------------
+# Inference from the weights
+# --------------------------------------------------------------------------------------------
+
+
+def infer_config(parts: Mapping[str, Mapping[str, Tensor]], *, prediction: str = "eps") -> PipelineConfig:
+    """A PipelineConfig from the shapes of an original checkpoint's weights.
+
+    Args:
+        parts: ``{"unet", "vae", "text_encoder"}`` module-relative state dicts, as
+            :func:`ldm.formats.checkpoints.split_components` gives (tensors may live on the meta device).
+        prediction: the parameterisation (not visible in weights). SD 2.x v-prediction models
+            get their native 768x768 size, every other model 512x512 (for an f=8 VAE).
+    """
+    text = infer_text_config(parts["text_encoder"])
+    family = "sd2" if text_layout(parts["text_encoder"]) != "clip" else "sd1"
+    unet = infer_unet_config(parts["unet"], family)
+    vae = infer_vae_config(parts["vae"])
+    latent_size = 96 if family == "sd2" and prediction == "v" else 64
+    return PipelineConfig(unet=unet, vae=vae, text_encoder=text, schedule=ScheduleConfig(prediction=prediction),
+                          sampling=native_sampling(latent_size, vae))
+
+
+def native_sampling(latent_size: int, vae: AutoencoderConfig) -> SamplingDefaults:
+    """Native image size of a model with ``latent_size`` latent pixels (CompVis ``image_size``)."""
+    size = int(latent_size) * vae.downsample_factor
+    return SamplingDefaults(height=size, width=size)
+
+
+def _need(weights: Mapping[str, Tensor], key: str, what: str) -> Tensor:
+    if key not in weights:
+        raise CheckpointError(f"cannot read the {what} architecture: the weights lack {key} (pass a config)")
+    return weights[key]
+
+
+def key_indices(weights: Mapping[str, Tensor], prefix: str) -> list[int]:
+    """Sorted integers ``i`` of keys ``{prefix}{i}.*`` (the numbered blocks below ``prefix``)."""
+    found = {k[len(prefix):].split(".", 1)[0] for k in weights if k.startswith(prefix)}
+    return sorted(int(i) for i in found if i.isdigit())
+
+
+def _ratio(channels: int, base: int, what: str) -> int:
+    if channels % base:
+        raise CheckpointError(f"cannot read the {what} architecture: {channels} channels are not a multiple of {base}")
+    return channels // base
+
+
+def infer_unet_config(weights: Mapping[str, Tensor], family: str) -> UNetConfig:
+    """The U-Net config from its weights' shapes; head layout and norm groups from the family."""
+    if not weights:
+        raise CheckpointError(f"cannot read the U-Net architecture: no {UNET_PREFIX}* weights (pass a config)")
+    conv_in = _need(weights, "input_blocks.0.0.weight", "U-Net")
+    base, in_channels = conv_in.shape[0], conv_in.shape[1]
+    levels: list[list[int]] = [[]]  # input-block indices of the ResBlocks of each level
+    for i in key_indices(weights, "input_blocks.")[1:]:
+        if f"input_blocks.{i}.0.op.weight" in weights:  # a Downsample ends the level
+            levels.append([])
+        else:
+            levels[-1].append(i)
+    if len({len(level) for level in levels}) != 1 or not levels[0]:
+        raise CheckpointError(f"cannot read the U-Net architecture: levels hold {[len(x) for x in levels]} ResBlocks")
+    mult = [_ratio(_need(weights, f"input_blocks.{level[0]}.0.out_layers.3.weight", "U-Net").shape[0], base, "U-Net")
+            for level in levels]
+    attention = [n for n, level in enumerate(levels) if f"input_blocks.{level[0]}.1.proj_in.weight" in weights]
+    to_k = _need(weights, "middle_block.1.transformer_blocks.0.attn2.to_k.weight", "U-Net")
+    try:
+        return UNetConfig(
+            in_channels=in_channels,
+            out_channels=_need(weights, "out.2.weight", "U-Net").shape[0],
+            model_channels=base,
+            channel_mult=tuple(mult),
+            num_res_blocks=len(levels[0]),
+            attention_resolutions=tuple(2**n for n in attention),
+            context_dim=to_k.shape[1],
+            transformer_depth=len(key_indices(weights, "middle_block.1.transformer_blocks.")),
+            use_linear_in_transformer=weights["middle_block.1.proj_in.weight"].ndim == 2,
+            upcast_attention=family == "sd2",  # Stability's SD 2 code computes attention in float32
+            norm_groups=COMPVIS_NORM_GROUPS,
+            **(SD2_UNET_HEADS if family == "sd2" else SD1_UNET_HEADS),
+        )
+    except ValueError as error:
+        raise CheckpointError(f"cannot build a U-Net for these weights ({error}); pass a config") from None
+
+
+def infer_vae_config(
+    weights: Mapping[str, Tensor], scaling_factor: float = DEFAULT_SCALING_FACTOR
+) -> AutoencoderConfig:
+    """The VAE config from its weights' shapes (32 norm groups, as CompVis hard-codes)."""
+    if not weights:
+        raise CheckpointError(f"cannot read the VAE architecture: no {VAE_PREFIX}* weights (pass a VAE file)")
+    conv_in = _need(weights, "encoder.conv_in.weight", "VAE")
+    base = conv_in.shape[0]
+    levels = key_indices(weights, "encoder.down.")
+    mult = [_ratio(_need(weights, f"encoder.down.{n}.block.0.conv2.weight", "VAE").shape[0], base, "VAE")
+            for n in levels]
+    try:
+        return AutoencoderConfig(
+            in_channels=conv_in.shape[1],
+            out_channels=_need(weights, "decoder.conv_out.weight", "VAE").shape[0],
+            latent_channels=_need(weights, "decoder.conv_in.weight", "VAE").shape[1],
+            base_channels=base,
+            channel_mult=tuple(mult),
+            num_res_blocks=len(key_indices(weights, "encoder.down.0.block.")),
+            norm_groups=COMPVIS_NORM_GROUPS,
+            mid_attention="encoder.mid.attn_1.q.weight" in weights,
+            scaling_factor=scaling_factor,
+        )
+    except ValueError as error:
+        raise CheckpointError(f"cannot build a VAE for these weights ({error}); pass a config") from None
+
+
+def text_layout(weights: Mapping[str, Tensor]) -> str:
+    """``"clip"`` (SD 1.x), ``"openclip"`` (complete SD 2.x tower) or ``"exported"`` (no extras, module docstring)."""
+    has_clip = any(k.startswith(CLIP_TEXT_PREFIX) for k in weights)
+    has_openclip = any(k.startswith(OPENCLIP_PREFIX) for k in weights)
+    if has_clip and has_openclip:
+        raise CheckpointError("the text encoder weights mix CLIP (transformer.*) and OpenCLIP (model.*) keys")
+    if has_clip:
+        return "clip"
+    if has_openclip:
+        return "openclip" if any(k in weights for k in _OPENCLIP_EXTRAS) else "exported"
+    raise CheckpointError(f"no text encoder weights ({TEXT_PREFIX}transformer.* or {TEXT_PREFIX}model.*)")
+
+
+def infer_text_config(weights: Mapping[str, Tensor]) -> TextEncoderConfig:
+    """The text-encoder config from its weights (64-channel heads; activation and padding by family)."""
+    layout = text_layout(weights)
+    if layout == "clip":
+        prefix = CLIP_TEXT_PREFIX
+        token = _need(weights, prefix + "embeddings.token_embedding.weight", "text encoder")
+        positions = _need(weights, prefix + "embeddings.position_embedding.weight", "text encoder")
+        layers = len(key_indices(weights, prefix + "encoder.layers."))
+        hidden = _need(weights, prefix + "encoder.layers.0.mlp.fc1.weight", "text encoder").shape[0]
+        projection = token.shape[1]
+    else:
+        token = _need(weights, "model.token_embedding.weight", "text encoder")
+        positions = _need(weights, "model.positional_embedding", "text encoder")
+        layers = len(key_indices(weights, "model.transformer.resblocks."))
+        hidden = _need(weights, "model.transformer.resblocks.0.mlp.c_fc.weight", "text encoder").shape[0]
+        projection = weights["model.text_projection"].shape[1] if "model.text_projection" in weights else token.shape[1]
+    width = token.shape[1]
+    family = {
+        "clip": dict(kind="clip", act="quick_gelu", layer="last", pad="eot"),
+        "openclip": dict(kind="openclip", act="gelu", layer="penultimate", pad="zero"),
+        "exported": dict(kind="clip", act="gelu", layer="last", pad="zero"),
+    }[layout]
+    try:
+        return TextEncoderConfig(vocab_size=token.shape[0], width=width, layers=layers,
+                                 heads=max(1, width // TEXT_HEAD_CHANNELS), mlp_ratio=hidden / width,
+                                 max_length=positions.shape[0], projection_dim=projection, **family)
+    except ValueError as error:
+        raise CheckpointError(f"cannot build a text encoder for these weights ({error}); pass a config") from None
+
+
+def exported_text_config(config: TextEncoderConfig) -> TextEncoderConfig:
+    """The text config an original-layout file carries: a GELU CLIP tower with penultimate output keeps
+    only its used blocks (an exported tower, module docstring)."""
+    if config.kind == "clip" and config.act == "gelu" and config.layer == "penultimate":
+        return replace(config, layers=config.layers - 1, layer="last")
+    return config

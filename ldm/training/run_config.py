@@ -1,0 +1,221 @@
+"""The configuration of a training run (``scripts/train.py``): settings dataclasses, strict YAML reading.
+
+One YAML file (strictly checked, overridable with dotted ``key=value`` pairs) describes a run::
+
+    model:       {init: PATH}  (any model Txt2ImgPipeline.from_pretrained loads), optionally with
+                 {schedule, sampling} keys that replace the pretrained model's (e.g. fine-tune an eps
+                 model into a v-prediction one), or the pipeline sections {unet, text_encoder,
+                 schedule, sampling} for a fresh model
+    vae:         folder written by scripts/toy/train_autoencoder.py (fresh models only)
+    data:        kind procedural | folder | hub, plus image options (see DataSettings)
+    training:    optimisation options (see TrainSettings), ``lora: {rank, alpha, text_encoder}``
+    validation:  fixed prompts rendered as a grid every N steps
+    output:      a folder path, or {path, dtype, diffusers}
+    run_dir:     checkpoints, logs and validation grids (optional; --run-dir wins)
+
+Every mistake is a one-line :class:`ConfigError` naming the file and the dotted key. Reading and
+the unknown-key check live in :mod:`ldm.config_io`; this module knows the run's sections and the
+checks across them. The loop that runs a config is :mod:`ldm.training.trainer`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ldm.config import SECTION_CLASSES, PipelineConfig
+from ldm.config_io import check_keys, parse_yaml_value, read_yaml, strict_from_dict
+from ldm.errors import ConfigError
+
+DATA_KINDS = ("procedural", "folder", "hub")
+PRECISIONS = ("no", "fp16", "bf16")
+OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_PIPELINE_SECTIONS = ("unet", "text_encoder", "schedule", "sampling")
+_INIT_OVERRIDABLE = ("schedule", "sampling")  # sections model.init may be combined with
+_TOP_LEVEL = ("model", "vae", "data", "training", "validation", "output", "run_dir")
+
+
+@dataclass
+class DataSettings:
+    """Where training images come from and how they are prepared."""
+
+    kind: str = "procedural"  # procedural | folder | hub
+    seed: int = 0
+    pool_size: int = 60000  # procedural: images encoded once into cached latents
+    source: str | None = None  # folder path or hub dataset id
+    image_column: str = "image"
+    caption_column: str = "text"
+    repeats_column: str | None = None  # per-image repeats per epoch (folder/hub data)
+    split: str = "train"
+    resolution: int | None = None  # default: the model's sampling height
+    crop: str = "center"  # center | random
+    random_flip: bool = False
+    bucketing: bool = False
+    bucket_step: int | None = None  # default: VAE factor x U-Net downsampling
+    max_aspect: float = 2.0
+    cache_latents: bool = False  # encode every image once with the VAE (needs crop: center)
+    num_workers: int = 0
+
+
+@dataclass
+class LoraSettings:
+    rank: int = 8
+    alpha: float | None = None  # default: alpha = rank
+    text_encoder: bool = False
+    dropout: float = 0.0
+    unet_targets: tuple[str, ...] | None = None  # U-Net layer-name suffixes; None: ldm.formats.lora.UNET_TARGETS
+
+
+@dataclass
+class TrainSettings:
+    seed: int = 0
+    batch_size: int = 64  # per process and micro-step
+    steps: int = 20000  # optimizer steps
+    lr: float = 6e-4
+    final_lr: float = 5e-5
+    warmup_steps: int = 200
+    weight_decay: float = 0.01
+    grad_clip: float | None = 1.0
+    caption_dropout: float = 0.1
+    min_snr_gamma: float | None = 5.0
+    noise_offset: float = 0.0
+    ema_decay: float | None = 0.999  # null: no EMA
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 2
+    gradient_accumulation: int = 1
+    mixed_precision: str = "no"  # no | fp16 | bf16 (GPU)
+    gradient_checkpointing: bool = False
+    train_text_encoder: bool = True
+    text_encoder_lr: float | None = None  # peak lr of the text encoder (kohya's text_encoder_lr); None: lr
+    lora: LoraSettings | None = None
+    log_every: int = 10  # tracker logging interval (steps)
+
+
+@dataclass
+class ValidationSettings:
+    prompts: tuple[str, ...] = ()
+    every: int = 0  # steps; 0: only at the end (when prompts are given)
+    seed: int = 0
+    steps: int | None = None
+    guidance_scale: float | None = None
+    negative_prompt: str = ""
+
+
+@dataclass
+class OutputSettings:
+    path: str | None = None
+    dtype: str = "float16"
+    diffusers: bool = False  # also write a diffusers folder at PATH-diffusers
+
+
+@dataclass
+class RunConfig:
+    """A whole training run, as read from YAML."""
+
+    model_init: str | None
+    model_sections: dict[str, Any]
+    vae: str | None
+    data: DataSettings
+    training: TrainSettings
+    validation: ValidationSettings
+    output: OutputSettings
+    run_dir: str | None = None  # default: runs/<config file stem> (scripts/train.py)
+    source: str = "config"
+
+    @property
+    def lora(self) -> LoraSettings | None:
+        return self.training.lora
+
+
+def apply_overrides(config: dict, overrides: Sequence[str]) -> dict:
+    """Set ``a.b.c=value`` pairs (values parsed as YAML) in the nested dict ``config``, in place."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        parts = key.split(".")
+        node = config
+        for depth, part in enumerate(parts[:-1]):
+            if not isinstance(node.get(part), dict):
+                if node.get(part) is not None:
+                    raise ConfigError(f"override {key}: {'.'.join(parts[:depth + 1])} is not a section")
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = parse_yaml_value(text)
+    return config
+
+
+def read_run_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a training YAML strictly, after applying dotted overrides.
+
+    Raises:
+        ConfigError: missing file, bad YAML, an unknown key (named by its dotted path), bad values.
+    """
+    data = read_yaml(path) or {}
+    return parse_run_config(apply_overrides(data, overrides), source=str(Path(path)))
+
+
+def parse_run_config(data: dict, *, source: str = "config") -> RunConfig:
+    """The :class:`RunConfig` of the nested dict ``data`` (a parsed YAML file named ``source``)."""
+    check_keys(data, _TOP_LEVEL, source=source)
+    model = dict(data.get("model") or {})
+    check_keys(model, ("init", *_PIPELINE_SECTIONS), source=source, key="model")
+    init = model.pop("init", None)
+    architecture = sorted(set(model) - set(_INIT_OVERRIDABLE))
+    if init is not None and architecture:
+        raise ConfigError(f"{source}: model.init and model.{architecture[0]} exclude each other "
+                          "(a pretrained model brings its own architecture)")
+    if init is None and not model:
+        raise ConfigError(f"{source}: model needs init (a pretrained model) or unet/text_encoder sections")
+    if init is None:
+        PipelineConfig.from_dict(model, source=f"{source}: model")  # strict check now, not after loading data
+    else:  # partial sections: their values merge into the init model's when it is loaded; check the keys now
+        for name, values in model.items():
+            check_keys(values or {}, [f.name for f in fields(SECTION_CLASSES[name])], source=source,
+                       key=f"model.{name}")
+    training_dict = dict(data.get("training") or {})
+    lora = training_dict.pop("lora", None)
+    settings = strict_from_dict(TrainSettings, training_dict, source=source, key="training")
+    if lora is not None:
+        settings.lora = strict_from_dict(LoraSettings, lora, source=source, key="training.lora")
+    output = data.get("output")
+    output = {"path": output} if isinstance(output, str) else (output or {})
+    validation = dict(data.get("validation") or {})
+    config = RunConfig(
+        model_init=None if init is None else str(init), model_sections=model,
+        vae=None if data.get("vae") is None else str(data["vae"]),
+        data=strict_from_dict(DataSettings, data.get("data") or {}, source=source, key="data"), training=settings,
+        validation=strict_from_dict(ValidationSettings, validation, source=source, key="validation"),
+        output=strict_from_dict(OutputSettings, output, source=source, key="output"),
+        run_dir=None if data.get("run_dir") is None else str(data["run_dir"]), source=source)
+    _check_values(config)
+    return config
+
+
+def _check_values(config: RunConfig) -> None:
+    where, t, d = config.source, config.training, config.data
+    if d.kind not in DATA_KINDS:
+        raise ConfigError(f"{where}: data.kind must be one of {DATA_KINDS}, got {d.kind!r}")
+    if d.kind != "procedural" and not d.source:
+        raise ConfigError(f"{where}: data.source (a folder or hub dataset id) is required for kind {d.kind!r}")
+    if t.mixed_precision not in PRECISIONS:
+        raise ConfigError(f"{where}: training.mixed_precision must be one of {PRECISIONS}")
+    if config.output.dtype not in OUTPUT_DTYPES:
+        raise ConfigError(f"{where}: output.dtype must be one of {tuple(OUTPUT_DTYPES)}")
+    for name in ("batch_size", "steps", "checkpoint_every", "keep_checkpoints", "gradient_accumulation"):
+        if getattr(t, name) < 1:
+            raise ConfigError(f"{where}: training.{name} must be >= 1")
+    if config.model_init is None and config.vae is None:
+        raise ConfigError(f"{where}: a fresh model (no model.init) needs vae: a folder from train_autoencoder.py")
+    if t.text_encoder_lr is not None:
+        if t.text_encoder_lr <= 0 or t.lr <= 0:
+            raise ConfigError(f"{where}: training.text_encoder_lr and training.lr must be > 0")
+        if not (t.lora.text_encoder if t.lora is not None else t.train_text_encoder):
+            raise ConfigError(f"{where}: training.text_encoder_lr is set but the text encoder is not trained")
+
+
+__all__ = ["RunConfig", "DataSettings", "TrainSettings", "LoraSettings", "ValidationSettings", "OutputSettings",
+           "DATA_KINDS", "PRECISIONS", "OUTPUT_DTYPES", "apply_overrides", "read_run_config", "parse_run_config"]
