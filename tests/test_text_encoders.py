@@ -126,12 +126,33 @@ def test_known_token_ids_and_padding():
     assert ClipTokenizer().decode(ClipTokenizer().encode_text("A Red  bicycle!")) == "a red bicycle !"
 
 
-def test_zero_padding_matches_open_clip():
+@pytest.mark.parametrize("pad", ["zero", "eot"])
+def test_matches_open_clip_on_a_varied_corpus(pad):
     import open_clip
 
-    prompts = PROMPTS + FTFY_PROMPTS
-    ours = ClipTokenizer(pad="zero")(prompts)
-    assert torch.equal(ours, open_clip.tokenize(prompts))
+    expected = open_clip.tokenize(CORPUS)  # zero padding; the cut keeps a final <|endoftext|>
+    if pad == "eot":  # the same ids, padded with <|endoftext|> after the first one
+        expected = torch.where(torch.cumsum(expected == 49407, dim=1) > 0, torch.full_like(expected, 49407), expected)
+    assert torch.equal(ClipTokenizer(pad=pad)(CORPUS), expected)
+
+
+def test_code_points_match_open_clip():
+    """Every 7th code point up to U+31FFF in letter, digit and punctuation contexts, untruncated."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    oracle = SimpleTokenizer()
+    points = [chr(c) for c in range(0, 0x32000, 7) if not 0xD800 <= c < 0xE000]
+    texts = [" ".join(f"a{c}a 1{c}1 !{c}! {c}{c}" for c in points[i : i + 64]) for i in range(0, len(points), 64)]
+    ours = ClipTokenizer().encode_batch(texts)
+    assert [text for text, ids in zip(texts, ours) if ids != oracle.encode(text)] == []
+
+
+def test_special_tokens_are_matched_verbatim_before_cleaning():
+    """``<|startoftext|>`` / ``<|endoftext|>`` map to their ids as in transformers (open_clip BPEs
+    them); other spellings, even ones that cleaning turns into them, stay ordinary text."""
+    tokenizer = ClipTokenizer()
+    assert tokenizer.encode_text("a<|endoftext|>b <|startoftext|>") == [320, 49407, 321, 49406]
+    assert 49407 not in tokenizer.encode_text("<|ENDOFTEXT|> &lt;|endoftext|&gt;")
 
 
 @pytest.mark.parametrize("max_length", [77, 12])
@@ -144,6 +165,9 @@ def test_eot_padding_matches_transformers_from_saved_vocabulary(saved_vocabulary
     assert torch.equal(ours, expected.input_ids)
     assert torch.equal(ClipTokenizer(max_length=max_length, clean="nfc").to_transformers()(
         PROMPTS, padding="max_length", truncation=True, return_tensors="pt").input_ids, ours)
+    # clean="nfc" is transformers' own normalisation, also where it differs from open_clip's
+    expected = oracle(CORPUS, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    assert torch.equal(ClipTokenizer(max_length=max_length, clean="nfc")(CORPUS), expected.input_ids)
 
 
 @pytest.mark.parametrize("pad", ["eot", "zero"])

@@ -1,20 +1,46 @@
-"""The CLIP byte-pair-encoding tokenizer, built offline.
+"""The CLIP byte-pair-encoding tokenizer, built offline: a thin adapter around transformers.
 
 Stable Diffusion 1.x (OpenAI CLIP ViT-L/14) and 2.x (OpenCLIP ViT-H/14) share one BPE
 vocabulary: 256 byte symbols, the same 256 symbols with the end-of-word marker ``</w>``,
 48,894 merges and two special tokens, 49,408 ids in all. That vocabulary ships inside the
-``open_clip_torch`` wheel as ``bpe_simple_vocab_16e6.txt.gz``, so the real tokenizer (and the
-``vocab.json`` / ``merges.txt`` a diffusers ``tokenizer/`` folder needs) is built here with no
-download.
+``open_clip_torch`` wheel as ``bpe_simple_vocab_16e6.txt.gz``; :func:`clip_vocabulary` turns it
+into the ``vocab`` / ``merges`` that transformers' ``CLIPTokenizer`` is built from, with no
+download. The byte-pair encoding itself is the Rust one of that tokenizer (``tokenizers``).
 
 A prompt becomes ``[<|startoftext|>, tokens..., <|endoftext|>, pad...]`` of length ``max_length``
 (77). The two model families differ only in the padding id:
 
 * SD1 (``pad="eot"``): pads with ``<|endoftext|>`` (49407), as transformers' CLIPTokenizer does.
-* SD2 (``pad="zero"``): pads with id 0 (the token ``"!"``), as ``open_clip.tokenize`` does.
+* SD2 (``pad="zero"``): pads with id 0 (the token ``"!"``), as ``open_clip.tokenize`` does. A
+  literal ``!`` in a prompt stays BPE's ``!</w>`` (256), as in open_clip.
 
-Nothing is read at import time: the vocabulary file is parsed on the first tokenization and
-cached for every tokenizer in the process.
+What this module adds to the transformers tokenizer, and why it is not left to transformers:
+
+* Padding and truncation (a few lines of torch): the cut keeps the final ``<|endoftext|>`` and
+  one warning per call names the dropped text, which transformers' truncation cannot report.
+* ``clean="ftfy"`` (the default): exactly open_clip's ``SimpleTokenizer`` text path, i.e. what
+  CLIP was trained with: ``ftfy.fix_text``, HTML unescaping (twice), whitespace collapsing,
+  Python ``str.lower``, then words split by open_clip's pattern with the ``regex`` package,
+  case-insensitively. Only the byte mapping and BPE of those words run in the transformers
+  tokenizer's Rust model (passed pre-tokenized). Measured reasons for not using transformers'
+  own normaliser and word split here: (1) NFC + Rust lower-case instead of ftfy + unescape +
+  ``str.lower`` changes HTML entities, curly quotes, full-width letters, ligatures, the
+  final sigma and the control characters Python counts as space (U+001C-U+001F);
+  (2) even with the text cleaned in Python, splitting words in Rust gave other ids for 347 of
+  ~130,000 code points swept: the Unicode tables of ``tokenizers``' regex engine predate
+  recently assigned letters (U+0C5C, U+A7CE, U+10940, ...) that the ``regex`` package (and so
+  open_clip) treats as letters, and U+0345 is dropped by the case-insensitive ``regex`` pattern.
+  The special tokens ``<|startoftext|>`` / ``<|endoftext|>`` are split out of the raw prompt
+  first and map to their ids, as transformers does (open_clip byte-pair-encodes them), so
+  cleaning (lower-casing, HTML unescaping) never turns other text into one.
+* ``clean="nfc"``: the transformers tokenizer unchanged (NFC, whitespace, Rust lower-case, its
+  own word split, added tokens), so ids equal any diffusers ``tokenizer/`` folder's.
+* ``save_pretrained`` writes the file set of published SD ``tokenizer/`` folders (``vocab.json``,
+  ``merges.txt`` + two JSON configs), which transformers 4 and 5 load; transformers 5 itself
+  writes only ``tokenizer.json``.
+
+Nothing is read at import time: the vocabulary file is parsed and the transformers tokenizer
+built on the first tokenization, once per process.
 """
 
 from __future__ import annotations
@@ -25,11 +51,14 @@ import html
 import importlib.util
 import json
 import logging
-import unicodedata
+import re
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -41,37 +70,18 @@ OPEN_CLIP_VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 # The gzip file holds a header line, then 262,144 merges of which CLIP uses the first 48,894
 # (49,408 ids = 2 * 256 byte symbols + 48,894 merges + 2 special tokens).
 NUM_CLIP_MERGES = 49408 - 2 * 256 - 2
-
-# Pre-tokenizer of OpenAI CLIP: English contractions, letter runs, single digits, and runs of
-# anything else that is neither space, letter nor digit. (Special tokens are split out of the
-# raw text before this runs, as transformers does; open_clip and transformers both send any
-# other spelling of them, e.g. upper case, through BPE like ordinary text.)
-_WORD_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+# open_clip's (and OpenAI CLIP's) pre-tokenizer, applied case-insensitively with the `regex`
+# package: English contractions, letter runs, single digits, and runs of anything else that is
+# neither space, letter nor digit.
+CLIP_WORD_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 PadMode = Literal["eot", "zero"]
 CleanMode = Literal["ftfy", "nfc"]
 
 
 # --------------------------------------------------------------------------------------------
-# Vocabulary
+# Vocabulary and the transformers tokenizer
 # --------------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=1)
-def bytes_to_symbols() -> dict[int, str]:
-    """The byte-level BPE alphabet: every byte 0..255 -> one printable unicode character.
-
-    Printable Latin-1 bytes map to themselves; the others (control characters, space, ...) map
-    to code points 256 and up, in byte order. This is the table GPT-2 and CLIP use.
-    """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table = {byte: chr(byte) for byte in printable}
-    next_code_point = 256
-    for byte in range(256):
-        if byte not in table:
-            table[byte] = chr(next_code_point)
-            next_code_point += 1
-    return table
 
 
 def open_clip_vocabulary_file() -> Path:
@@ -91,113 +101,68 @@ def open_clip_vocabulary_file() -> Path:
     raise FileNotFoundError(f"{OPEN_CLIP_VOCAB_FILE} not found in the open_clip package {spec.origin}")
 
 
-class BpeVocabulary:
-    """Token strings -> ids plus the ordered list of BPE merges (earlier merge = higher priority)."""
+@functools.lru_cache(maxsize=1)
+def clip_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """``(vocab, merges)`` of CLIP from open_clip's gzip merges file, ids exactly as OpenAI CLIP.
 
-    def __init__(self, token_to_id: dict[str, int], merges: Sequence[tuple[str, str]]):
-        self.token_to_id = dict(token_to_id)
-        self.merges = [tuple(pair) for pair in merges]
+    The first 256 ids are the byte-level alphabet (each byte as one printable character, the
+    table GPT-2 and CLIP share; printable bytes stand for themselves, the others for U+0100 on,
+    in byte order, so code-point order is the table's order), then the same with ``</w>``, then
+    one token per merge, then ``<|startoftext|>`` and ``<|endoftext|>``.
+    """
+    from tokenizers.pre_tokenizers import ByteLevel
 
-    def __len__(self) -> int:
-        return len(self.token_to_id)
+    lines = gzip.open(open_clip_vocabulary_file()).read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : NUM_CLIP_MERGES + 1]]
+    symbols = sorted(ByteLevel.alphabet())
+    tokens = [*symbols, *(symbol + END_OF_WORD for symbol in symbols), *("".join(pair) for pair in merges)]
+    tokens += [SOT_TOKEN, EOT_TOKEN]
+    return {token: index for index, token in enumerate(tokens)}, merges
 
-    @functools.cached_property
-    def merge_ranks(self) -> dict[tuple[str, str], int]:
-        return {pair: rank for rank, pair in enumerate(self.merges)}
 
-    @functools.cached_property
-    def id_to_token(self) -> dict[int, str]:
-        return {index: token for token, index in self.token_to_id.items()}
+def _transformers_tokenizer(vocab, merges, pad_token: str = EOT_TOKEN, max_length: int = DEFAULT_MAX_LENGTH):
+    from transformers import CLIPTokenizer
 
-    @classmethod
-    def from_open_clip(cls, path: str | Path | None = None) -> "BpeVocabulary":
-        """The CLIP vocabulary from open_clip's gzip merges file (ids exactly as OpenAI CLIP)."""
-        lines = gzip.open(path or open_clip_vocabulary_file()).read().decode("utf-8").split("\n")
-        merges = [tuple(line.split()) for line in lines[1 : NUM_CLIP_MERGES + 1]]
-        symbols = list(bytes_to_symbols().values())
-        tokens = symbols + [symbol + END_OF_WORD for symbol in symbols]
-        tokens += ["".join(pair) for pair in merges]
-        tokens += [SOT_TOKEN, EOT_TOKEN]
-        return cls({token: index for index, token in enumerate(tokens)}, merges)
-
-    @classmethod
-    def from_files(cls, vocab_json: str | Path, merges_txt: str | Path) -> "BpeVocabulary":
-        """Read a transformers-style ``vocab.json`` + ``merges.txt`` pair."""
-        token_to_id = json.loads(Path(vocab_json).read_text(encoding="utf-8"))
-        merges = []
-        for line in Path(merges_txt).read_text(encoding="utf-8").split("\n"):
-            if line.startswith("#version") or not line.strip():
-                continue
-            merges.append(tuple(line.split()))
-        return cls(token_to_id, merges)
-
-    @classmethod
-    def from_tokenizer_json(cls, path: str | Path) -> "BpeVocabulary":
-        """Read the BPE model (and added special tokens) of a ``tokenizers`` ``tokenizer.json``."""
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        model = data["model"]
-        if model.get("type", "BPE") != "BPE":
-            raise ValueError(f"{path}: expected a BPE tokenizer, found {model.get('type')!r}")
-        token_to_id = dict(model["vocab"])
-        for added in data.get("added_tokens", []):
-            token_to_id[added["content"]] = added["id"]
-        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-        return cls(token_to_id, merges)
+    # model_max_length must be set: transformers' default (1e30) breaks its truncation.
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token=pad_token, model_max_length=max_length)
 
 
 @functools.lru_cache(maxsize=1)
-def default_vocabulary() -> BpeVocabulary:
-    """The CLIP vocabulary of the open_clip wheel, parsed once per process."""
-    return BpeVocabulary.from_open_clip()
+def default_transformers_tokenizer() -> "CLIPTokenizer":
+    """transformers' ``CLIPTokenizer`` on the open_clip vocabulary (pad ``<|endoftext|>``), built once."""
+    return _transformers_tokenizer(*clip_vocabulary())
+
+
+def _open_clip_backend(tokenizer: "CLIPTokenizer"):
+    """A ``tokenizers.Tokenizer`` sharing ``tokenizer``'s BPE model, for words split in Python.
+
+    No normaliser, no word splitting and no added tokens: :class:`ClipTokenizer` does those the
+    open_clip way and passes the words pre-tokenized; this maps their bytes and runs the BPE.
+    """
+    from tokenizers import Tokenizer, pre_tokenizers
+
+    backend = Tokenizer(tokenizer.backend_tokenizer.model)
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    return backend
 
 
 @functools.lru_cache(maxsize=1)
 def _word_regex():
     import regex  # \p{L} classes need the `regex` package (a dependency of open_clip and transformers)
 
-    return regex.compile(_WORD_PATTERN, regex.IGNORECASE)
+    return regex.compile(CLIP_WORD_PATTERN, regex.IGNORECASE)
 
 
-# --------------------------------------------------------------------------------------------
-# Text cleaning
-# --------------------------------------------------------------------------------------------
+def clean_text(text: str) -> str:
+    """open_clip's / OpenAI CLIP's prompt cleaning: ftfy, HTML unescape twice, whitespace, lower case."""
+    import ftfy
 
-
-def clean_text(text: str, mode: CleanMode = "ftfy") -> str:
-    """Normalise a prompt before splitting it into words.
-
-    ``"ftfy"``: OpenAI CLIP / open_clip: repair mojibake with ftfy, unescape HTML twice, collapse
-    whitespace, lower-case. ``"nfc"``: transformers' CLIPTokenizer: NFC unicode normal form,
-    collapse whitespace, lower-case. The two agree on ordinary prompts; they differ on HTML
-    entities and on characters ftfy rewrites (curly quotes, full-width letters, ligatures).
-    """
-    if mode == "ftfy":
-        import ftfy
-
-        text = html.unescape(html.unescape(ftfy.fix_text(text)))
-    elif mode == "nfc":
-        text = unicodedata.normalize("NFC", text)
-    else:
-        raise ValueError(f"clean must be 'ftfy' or 'nfc', got {mode!r}")
-    return " ".join(text.split()).lower()
+    return " ".join(html.unescape(html.unescape(ftfy.fix_text(text))).split()).lower()
 
 
 # --------------------------------------------------------------------------------------------
 # Tokenizer
 # --------------------------------------------------------------------------------------------
-
-
-def _merge_pair(symbols: list[str], pair: tuple[str, str]) -> list[str]:
-    """Replace every adjacent occurrence of ``pair`` in ``symbols`` (left to right) by its join."""
-    merged, i = [], 0
-    while i < len(symbols):
-        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
-            merged.append(symbols[i] + symbols[i + 1])
-            i += 2
-        else:
-            merged.append(symbols[i])
-            i += 1
-    return merged
 
 
 class ClipTokenizer:
@@ -206,12 +171,11 @@ class ClipTokenizer:
     Args:
         max_length: tokens per prompt including ``<|startoftext|>`` and ``<|endoftext|>`` (77).
         pad: ``"eot"`` pads with ``<|endoftext|>`` (SD1), ``"zero"`` pads with id 0 (SD2/OpenCLIP).
-        clean: text normalisation, see :func:`clean_text`. ``"ftfy"`` is the one CLIP was trained
-            with; ``"nfc"`` reproduces transformers' CLIPTokenizer exactly.
-        vocabulary: defaults to the CLIP vocabulary inside the open_clip wheel (loaded lazily).
-        special_tokens: strings matched verbatim in the raw prompt and mapped straight to their
-            ids, before cleaning and BPE (transformers' "added tokens"). Defaults to
-            ``<|startoftext|>`` and ``<|endoftext|>``.
+        clean: ``"ftfy"``: open_clip's cleaning (:func:`clean_text`), the one CLIP was trained
+            with; ``"nfc"``: the transformers tokenizer's own normalisation, i.e. its exact ids.
+        transformers_tokenizer: the transformers ``CLIPTokenizer`` to wrap; defaults to the CLIP
+            vocabulary inside the open_clip wheel (built lazily). Its added tokens are the
+            special tokens, matched verbatim in the raw prompt (see :meth:`from_diffusers_folder`).
     """
 
     def __init__(
@@ -219,8 +183,8 @@ class ClipTokenizer:
         max_length: int = DEFAULT_MAX_LENGTH,
         pad: PadMode = "eot",
         clean: CleanMode = "ftfy",
-        vocabulary: BpeVocabulary | None = None,
-        special_tokens: Sequence[str] = (SOT_TOKEN, EOT_TOKEN),
+        *,
+        transformers_tokenizer: "CLIPTokenizer | None" = None,
     ):
         if pad not in ("eot", "zero"):
             raise ValueError(f"pad must be 'eot' or 'zero', got {pad!r}")
@@ -231,9 +195,7 @@ class ClipTokenizer:
         self.max_length = max_length
         self.pad = pad
         self.clean = clean
-        self._vocabulary = vocabulary
-        self.special_tokens = tuple(special_tokens)
-        self._word_cache: dict[str, list[int]] = {}
+        self._transformers = transformers_tokenizer
 
     def __repr__(self) -> str:
         return f"ClipTokenizer(max_length={self.max_length}, pad={self.pad!r}, clean={self.clean!r})"
@@ -241,65 +203,84 @@ class ClipTokenizer:
     # ---- vocabulary -------------------------------------------------------------------------
 
     @property
-    def vocabulary(self) -> BpeVocabulary:
-        if self._vocabulary is None:
-            self._vocabulary = default_vocabulary()
-        return self._vocabulary
+    def transformers_tokenizer(self) -> "CLIPTokenizer":
+        """The wrapped transformers ``CLIPTokenizer`` (its own pad token, not necessarily ours)."""
+        if self._transformers is None:
+            self._transformers = default_transformers_tokenizer()
+        return self._transformers
+
+    @functools.cached_property
+    def _backend(self):
+        if self.clean == "nfc":
+            return self.transformers_tokenizer.backend_tokenizer
+        return _open_clip_backend(self.transformers_tokenizer)
+
+    @functools.cached_property
+    def _special_ids(self) -> dict[str, int]:
+        added = self.transformers_tokenizer.backend_tokenizer.get_added_tokens_decoder()
+        return {token.content: index for index, token in added.items()}
+
+    @functools.cached_property
+    def _special_pattern(self) -> re.Pattern:
+        """Splits around verbatim special tokens (longest first): ``"a!b"`` -> ``["a", "!", "b"]``."""
+        tokens = sorted(self._special_ids, key=len, reverse=True)
+        return re.compile("(" + "|".join(map(re.escape, tokens)) + ")") if tokens else re.compile("(?!)")
 
     @property
     def vocab_size(self) -> int:
-        return len(self.vocabulary)
+        return len(self.transformers_tokenizer)
+
+    def _id(self, token: str) -> int:
+        return self.transformers_tokenizer.backend_tokenizer.token_to_id(token)
 
     @property
     def sot_id(self) -> int:
-        return self.vocabulary.token_to_id[SOT_TOKEN]
+        return self._id(SOT_TOKEN)
 
     @property
     def eot_id(self) -> int:
-        return self.vocabulary.token_to_id[EOT_TOKEN]
+        return self._id(EOT_TOKEN)
 
     @property
     def pad_id(self) -> int:
         return self.eot_id if self.pad == "eot" else 0
 
+    @property
+    def pad_token(self) -> str:
+        """The pad token as a string: ``<|endoftext|>`` (SD1) or ``"!"`` (id 0, SD2)."""
+        return self.transformers_tokenizer.backend_tokenizer.id_to_token(self.pad_id)
+
+    def vocab_and_merges(self) -> tuple[dict[str, int], list[tuple[str, str]]]:
+        """``(token -> id in id order, merges in priority order)`` of the wrapped tokenizer."""
+        backend = self.transformers_tokenizer.backend_tokenizer
+        model = json.loads(backend.to_str())["model"]
+        vocab = {**model["vocab"], **backend.get_vocab(with_added_tokens=True)}
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        return dict(sorted(vocab.items(), key=lambda item: item[1])), merges
+
     # ---- encoding ---------------------------------------------------------------------------
 
-    def _bpe(self, word: str) -> list[int]:
-        """Ids of one pre-tokenized word, its bytes already mapped to BPE symbols."""
-        cached = self._word_cache.get(word)
-        if cached is not None:
-            return cached
-        ranks = self.vocabulary.merge_ranks
-        symbols = [*word[:-1], word[-1] + END_OF_WORD]
-        while len(symbols) > 1:
-            pairs = set(zip(symbols, symbols[1:]))
-            best = min(pairs, key=lambda pair: ranks.get(pair, float("inf")))
-            if best not in ranks:
-                break
-            symbols = _merge_pair(symbols, best)
-        ids = [self.vocabulary.token_to_id[symbol] for symbol in symbols]
-        self._word_cache[word] = ids
-        return ids
-
-    def _encode_plain(self, text: str) -> list[int]:
-        """Ids of text that holds no special token: clean, split into words, BPE each word."""
-        byte_symbols = bytes_to_symbols()
-        ids: list[int] = []
-        for word in _word_regex().findall(clean_text(text, self.clean)):
-            ids.extend(self._bpe("".join(byte_symbols[b] for b in word.encode("utf-8"))))
-        return ids
+    def encode_batch(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each prompt without start/end tokens and without truncation."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if self.clean == "nfc":
+            return [e.ids for e in self._backend.encode_batch_fast(list(prompts), add_special_tokens=False)]
+        # Special tokens out of the raw text first ([text, special, text, ...]), then clean and BPE.
+        pieces = [self._special_pattern.split(prompt) for prompt in prompts]
+        words = [_word_regex().findall(clean_text(text)) for parts in pieces for text in parts[::2]]
+        encoded = iter(self._backend.encode_batch_fast(words, is_pretokenized=True, add_special_tokens=False))
+        rows = []
+        for parts in pieces:
+            row: list[int] = []
+            for k, part in enumerate(parts):
+                row.extend(next(encoded).ids if k % 2 == 0 else [self._special_ids[part]])
+            rows.append(row)
+        return rows
 
     def encode_text(self, text: str) -> list[int]:
         """Token ids of ``text`` without start/end tokens and without truncation."""
-        if not self.special_tokens:
-            return self._encode_plain(text)
-        ids: list[int] = []
-        for piece in _split_special(text, self.special_tokens):
-            if piece in self.special_tokens:
-                ids.append(self.vocabulary.token_to_id[piece])
-            elif piece:
-                ids.extend(self._encode_plain(piece))
-        return ids
+        return self.encode_batch([text])[0]
 
     def __call__(self, prompts: str | Sequence[str]) -> torch.Tensor:
         """Tokenize a batch of prompts.
@@ -313,13 +294,13 @@ class ClipTokenizer:
             prompts = [prompts]
         ids = torch.full((len(prompts), self.max_length), self.pad_id, dtype=torch.long)
         room = self.max_length - 2
+        sot, eot = self.sot_id, self.eot_id
         dropped: list[str] = []
-        for row, prompt in enumerate(prompts):
-            tokens = self.encode_text(prompt)
+        for row, tokens in enumerate(self.encode_batch(prompts)):
             if len(tokens) > room:
                 dropped.append(self.decode(tokens[room:]))
                 tokens = tokens[:room]
-            ids[row, : len(tokens) + 2] = torch.tensor([self.sot_id, *tokens, self.eot_id])
+            ids[row, : len(tokens) + 2] = torch.tensor([sot, *tokens, eot])
         if dropped:
             logger.warning(
                 "%d of %d prompts exceed %d tokens and were truncated; dropped text: %s",
@@ -334,16 +315,7 @@ class ClipTokenizer:
         """Text of token ids (special and padding tokens are kept as their strings)."""
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
-        symbol_to_byte = {symbol: byte for byte, symbol in bytes_to_symbols().items()}
-        pieces = []
-        for index in ids:
-            token = self.vocabulary.id_to_token[int(index)]
-            if token in (SOT_TOKEN, EOT_TOKEN):
-                pieces.append(token + " ")
-                continue
-            raw = bytes(symbol_to_byte[ch] for ch in token.replace(END_OF_WORD, ""))
-            pieces.append(raw.decode("utf-8", errors="replace") + (" " if token.endswith(END_OF_WORD) else ""))
-        return "".join(pieces).strip()
+        return self.transformers_tokenizer.backend_tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
     # ---- interop with transformers / diffusers ----------------------------------------------
 
@@ -351,10 +323,11 @@ class ClipTokenizer:
         """Write ``vocab.json`` and ``merges.txt`` (the files transformers' CLIPTokenizer reads)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        vocab, merges = self.vocab_and_merges()
         vocab_path, merges_path = directory / "vocab.json", directory / "merges.txt"
-        vocab_path.write_text(json.dumps(self.vocabulary.token_to_id, ensure_ascii=False), encoding="utf-8")
-        merges = ["#version: 0.2", *(" ".join(pair) for pair in self.vocabulary.merges)]
-        merges_path.write_text("\n".join(merges) + "\n", encoding="utf-8")
+        vocab_path.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+        lines = ["#version: 0.2", *(" ".join(pair) for pair in merges)]
+        merges_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
         return vocab_path, merges_path
 
     def save_pretrained(self, directory: str | Path) -> Path:
@@ -371,12 +344,7 @@ class ClipTokenizer:
         (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
         return directory
 
-    @property
-    def pad_token(self) -> str:
-        """The pad token as a string: ``<|endoftext|>`` (SD1) or ``"!"`` (id 0, SD2)."""
-        return self.vocabulary.id_to_token[self.pad_id]
-
-    def to_transformers(self):
+    def to_transformers(self) -> "CLIPTokenizer":
         """An equivalent ``transformers.CLIPTokenizer`` (pad token and ``model_max_length`` set).
 
         Call it as ``tok(prompts, padding="max_length", truncation=True, max_length=...)``.
@@ -385,92 +353,39 @@ class ClipTokenizer:
         special token, so a literal ``!`` in a prompt maps to id 0 instead of BPE's ``!</w>``
         (256). That is how diffusers' SD2 tokenizer behaves; ``open_clip.tokenize`` gives 256.
         """
-        from transformers import CLIPTokenizer
-
-        return CLIPTokenizer(
-            vocab=dict(self.vocabulary.token_to_id),
-            merges=list(self.vocabulary.merges),
-            pad_token=self.pad_token,
-            model_max_length=self.max_length,
-        )
+        return _transformers_tokenizer(*self.vocab_and_merges(), pad_token=self.pad_token, max_length=self.max_length)
 
     @classmethod
     def from_diffusers_folder(cls, folder: str | Path) -> "ClipTokenizer":
         """Build from a diffusers ``tokenizer/`` folder (or a pipeline folder that contains one).
 
-        Reads ``tokenizer.json`` or ``vocab.json`` + ``merges.txt``, and the pad token and
-        ``model_max_length`` from ``tokenizer_config.json`` / ``special_tokens_map.json``. Uses
-        ``clean="nfc"`` so that ids equal those of the folder's own transformers tokenizer.
+        The folder (``tokenizer.json`` or ``vocab.json`` + ``merges.txt``, and the configs that
+        set the pad token and ``model_max_length``) is loaded with transformers'
+        ``CLIPTokenizer.from_pretrained`` and wrapped with ``clean="nfc"``, so ids equal the
+        folder's own tokenizer's, including an SD2 pad token ``"!"`` mapping a literal ``!`` to 0.
         """
+        from transformers import CLIPTokenizer
+
         folder = Path(folder)
         if not _has_tokenizer_files(folder) and _has_tokenizer_files(folder / "tokenizer"):
             folder = folder / "tokenizer"
-        if (folder / "tokenizer.json").is_file():
-            vocabulary = BpeVocabulary.from_tokenizer_json(folder / "tokenizer.json")
-        elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-            vocabulary = BpeVocabulary.from_files(folder / "vocab.json", folder / "merges.txt")
-        else:
+        if not (folder / "tokenizer.json").is_file() and not (
+            (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+        ):
             raise FileNotFoundError(f"{folder}: no tokenizer.json nor vocab.json + merges.txt")
-        settings = _read_tokenizer_settings(folder)
-        pad_token = settings.get("pad_token", EOT_TOKEN)
-        special_tokens = settings.get("special_tokens") or [SOT_TOKEN, EOT_TOKEN, pad_token]
-        pad_id = vocabulary.token_to_id.get(pad_token)
-        if pad_id == vocabulary.token_to_id.get(EOT_TOKEN):
+        tokenizer = CLIPTokenizer.from_pretrained(str(folder))
+        pad_id = tokenizer.pad_token_id
+        if pad_id is None or pad_id == tokenizer.convert_tokens_to_ids(EOT_TOKEN):
             pad: PadMode = "eot"
         elif pad_id == 0:
             pad = "zero"
         else:
-            raise ValueError(f"{folder}: pad token {pad_token!r} (id {pad_id}) is neither <|endoftext|> nor id 0")
-        max_length = settings.get("model_max_length", DEFAULT_MAX_LENGTH)
+            raise ValueError(f"{folder}: pad token {tokenizer.pad_token!r} (id {pad_id}) is neither <|endoftext|> nor id 0")
+        max_length = tokenizer.model_max_length
         if not isinstance(max_length, int) or max_length > 100_000:  # transformers' "unset" is 1e30
             max_length = DEFAULT_MAX_LENGTH
-        return cls(max_length=max_length, pad=pad, clean="nfc", vocabulary=vocabulary, special_tokens=special_tokens)
-
-
-def _split_special(text: str, special_tokens: Sequence[str]) -> list[str]:
-    """Split ``text`` around verbatim occurrences of special tokens (longest match first).
-
-    ``"a!b"`` with special ``"!"`` -> ``["a", "!", "b"]``.
-    """
-    import regex
-
-    alternatives = "|".join(regex.escape(token) for token in sorted(set(special_tokens), key=len, reverse=True))
-    return regex.split(f"({alternatives})", text)
+        return cls(max_length=max_length, pad=pad, clean="nfc", transformers_tokenizer=tokenizer)
 
 
 def _has_tokenizer_files(folder: Path) -> bool:
     return (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()
-
-
-def _token_content(token) -> str:
-    """A special token as saved by transformers: a plain string or ``{"content": ...}``."""
-    return token["content"] if isinstance(token, dict) else token
-
-
-def _read_tokenizer_settings(folder: Path) -> dict:
-    """``pad_token``, ``model_max_length`` and ``special_tokens`` of a transformers tokenizer folder.
-
-    Special tokens are ``tokenizer.json``'s added tokens when that file exists, else the
-    bos/eos/unk/pad entries of the config files (the tokens transformers adds when it loads them).
-    """
-    settings: dict = {}
-    named_tokens: list[str] = []
-    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # later file wins
-        path = folder / name
-        if not path.is_file():
-            continue
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if data.get("pad_token") is not None:
-            settings["pad_token"] = _token_content(data["pad_token"])
-        if "model_max_length" in data:
-            settings["model_max_length"] = data["model_max_length"]
-        for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
-            if data.get(key) is not None:
-                named_tokens.append(_token_content(data[key]))
-    tokenizer_json = folder / "tokenizer.json"
-    if tokenizer_json.is_file():
-        added = json.loads(tokenizer_json.read_text(encoding="utf-8")).get("added_tokens", [])
-        settings["special_tokens"] = [token["content"] for token in added]
-    elif named_tokens:
-        settings["special_tokens"] = list(dict.fromkeys(named_tokens))
-    return settings
