@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-signal-leak", dest="signal_leak", action="store_false", default=None,
                         help="start from pure noise even when the model has signal-leak statistics")
     parser.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda, ...")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="precision of the model (the judge always runs in float32)")
     parser.add_argument("--out", type=Path, default=Path("outputs/evaluation"), help="output folder")
     parser.add_argument("--grid", type=Path, help="sample grid PNG (default: <out>/samples.png)")
     parser.add_argument("--quiet", action="store_true", help="only the table, no progress logs")
@@ -49,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
 
+    import torch
+
     from ldm.errors import LdmError
     from ldm.toy.evaluation import EvaluationSettings, evaluate, markdown_report, write_outputs
     from ldm.toy.judge import Judge
@@ -56,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     try:
-        pipe = Txt2ImgPipeline.from_pretrained(args.model, device=args.device)
+        pipe = Txt2ImgPipeline.from_pretrained(args.model, device=args.device, dtype=getattr(torch, args.dtype))
         judge = Judge.load(args.judge)
     except (LdmError, FileNotFoundError) as error:
         print(f"evaluate.py: error: {error}", file=sys.stderr)
