@@ -209,8 +209,8 @@ class AttnBlock(nn.Module):
         h = self.norm(x)
 
         def tokens(t: Tensor) -> Tensor:  # [B, C, H, W] -> [B, 1 head, H*W, C], contiguous
-            # Contiguous: given transposed views, SDPA on the CPU falls back to materialising the
-            # whole [H*W, H*W] attention matrix (+2.4 GiB at 1024x1024 instead of +0.7 GiB).
+            # Contiguous: given transposed views, SDPA on the CPU falls back to the math kernel,
+            # which materialises the whole [H*W, H*W] attention matrix (issue 11).
             return t.flatten(2).transpose(1, 2).unsqueeze(1).contiguous()
 
         # softmax(q k^T / sqrt(C)) v  (Vaswani et al. 2017, Eq. 1). torch SDPA is called directly because

@@ -7,7 +7,7 @@ the same way in pixel space, blending the posterior moments (mean and log-varian
 
 Tiles are not exactly the whole: the GroupNorm statistics of a tile differ from the whole
 image's and the receptive field is cut at tile borders, so a tiled result is close to, not equal
-to, the untiled one (measured in ``tests/test_autoencoder.py`` and the README).
+to, the untiled one (measured in ``tests/test_vae_tiling.py`` and the README).
 """
 
 from __future__ import annotations

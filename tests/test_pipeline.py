@@ -8,28 +8,18 @@ import pytest
 import torch
 
 from ldm.errors import ConfigError
+from ldm.sampling.registry import SAMPLER_INFO
 from tests.conftest import tiny_pipeline, tiny_pipeline_config
 
 PROMPT = "a red bicycle on a blue background"
 NEGATIVE = "blurry"
-
-# our sampler -> diffusers scheduler class with the same algorithm
-DIFFUSERS_SCHEDULERS = {
-    "euler": "EulerDiscreteScheduler",
-    "ddim": "DDIMScheduler",
-    "dpmpp_2m": "DPMSolverMultistepScheduler",
-    "euler_ancestral": "EulerAncestralDiscreteScheduler",
-    "heun": "HeunDiscreteScheduler",
-    "ddpm": "DDPMScheduler",
-}
-
 
 def diffusers_images(folder, sampler: str, *, seed: int, steps: int = 4, scale: float = 5.0, n: int = 1):
     """Images [n, 3, H, W] in [0, 1] from diffusers loading ``folder`` offline with the matching scheduler."""
     import diffusers
 
     sd = diffusers.StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
-    scheduler_class = getattr(diffusers, DIFFUSERS_SCHEDULERS[sampler])
+    scheduler_class = getattr(diffusers, SAMPLER_INFO[sampler].diffusers_class)
     sd.scheduler = scheduler_class.from_config(sd.scheduler.config)
     sd.set_progress_bar_config(disable=True)
     generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]

@@ -25,7 +25,7 @@ from ldm.errors import CheckpointError, ConfigError
 from ldm.formats import text_keys as text_keymap
 from ldm.formats import unet_keys as unet_keymap
 from ldm.formats import vae_keys as vae_keymap
-from ldm.sampling.samplers import SAMPLERS
+from ldm.sampling.registry import SAMPLER_INFO
 from ldm.sampling.schedule import ScheduleConfig
 from ldm.models.tokenizer import ClipTokenizer
 
@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 # our sampler name -> the diffusers scheduler class with the same algorithm (PNDM/LMS folders,
 # which have no counterpart here, load with DPM++ 2M).
-SCHEDULER_CLASSES = {name: spec.diffusers_class for name, spec in SAMPLERS.items()}
+SCHEDULER_CLASSES = {name: info.diffusers_class for name, info in SAMPLER_INFO.items()}
 _SAMPLER_FOR_CLASS = {cls: name for name, cls in SCHEDULER_CLASSES.items()}
 
 _WEIGHT_NAMES = {
@@ -231,11 +231,11 @@ def scheduler_json(config: PipelineConfig) -> dict[str, Any]:
         "skip_prk_steps": True,
     }
     if config.sampling.karras:
-        if SAMPLERS[sampler].diffusers_karras:
+        if SAMPLER_INFO[sampler].diffusers_karras:
             values["use_karras_sigmas"] = True
         else:
             logger.warning("diffusers' %s has no Karras sigmas: the saved scheduler uses its default sigmas",
-                           SAMPLERS[sampler].diffusers_class)
+                           SAMPLER_INFO[sampler].diffusers_class)
     return values
 
 
