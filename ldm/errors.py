@@ -15,3 +15,7 @@ class ConfigError(LdmError, ValueError):
 
 class CheckpointError(LdmError):
     """A weights file or model folder is missing, corrupt, unsafe or of the wrong architecture."""
+
+
+class ImageInputError(LdmError, ValueError):
+    """An init image, mask or strength the pipeline cannot use (unreadable, empty mask, strength out of range)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -30,7 +31,9 @@ from ldm.formats.diffusers_folder import load_diffusers_folder, save_diffusers_f
 from ldm.formats.single_file import read_single_file
 from ldm.config import PipelineConfig, SamplingDefaults, load_config, save_config
 from ldm.sampling.denoiser import DiscreteDenoiser, cfg_denoiser
-from ldm.errors import CheckpointError, ConfigError
+from ldm.errors import CheckpointError, ConfigError, ImageInputError
+from ldm.image_inputs import (ImageCondition, blur_mask, check_mask, default_size, image_to_tensor, latent_mask,
+                              mask_to_tensor, steps_to_skip)
 from ldm.sampling.samplers import SAMPLERS, final_latents, initial_latents
 from ldm.sampling.schedule import NoiseSchedule
 from ldm.sampling.signal_leak import SignalLeak
@@ -63,6 +66,7 @@ class Txt2ImgPipeline:
         self.vae = vae.eval()
         self.text_encoder = text_encoder.eval()
         self.schedule = NoiseSchedule(config.schedule)
+        self.memory_format = torch.contiguous_format  # of the U-Net's and the VAE's 4-D tensors
 
     # ------------------------------------------------------------------ construction
 
@@ -206,10 +210,32 @@ class Txt2ImgPipeline:
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
 
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Txt2ImgPipeline":
-        """Move all networks (in place) and return ``self``."""
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None, *,
+           memory_format: torch.memory_format | None = None) -> "Txt2ImgPipeline":
+        """Move all networks (in place) and return ``self``.
+
+        ``memory_format=torch.channels_last`` stores the U-Net's and the VAE's convolution weights
+        and feeds their inputs channels-last (faster for bfloat16 on CPUs, see :mod:`ldm.hardware`).
+        """
         for name in checkpoints.COMPONENT_PREFIXES:
             getattr(self, name).to(device=device, dtype=dtype)
+        if memory_format is not None:
+            for network in (self.unet, self.vae):
+                network.to(memory_format=memory_format)
+            self.memory_format = memory_format
+        return self
+
+    def compile(self, **options) -> "Txt2ImgPipeline":
+        """Compile the U-Net with ``torch.compile`` (in place; weights and ``state_dict`` keys unchanged).
+
+        On the CPU, inductor's ``freezing`` is on (weights folded in as constants and pre-packed for
+        oneDNN): compile after loading LoRA or changing weights, later changes are not seen. The first
+        call at each new shape compiles (minutes for SD-sized U-Nets on a small CPU, see the README);
+        ``options`` go to ``torch.compile``. Returns ``self``.
+        """
+        if self.device.type == "cpu":
+            options.setdefault("options", {"freezing": True})
+        self.unet.compile(**options)
         return self
 
     # ------------------------------------------------------------------ generation
@@ -236,18 +262,23 @@ class Txt2ImgPipeline:
         eta: float | None = None,
         karras: bool | None = None,
         signal_leak: bool | None = None,
+        image: Image.Image | None = None,
+        strength: float | None = None,
+        mask_image: Image.Image | None = None,
+        mask_blur: float = 0,
+        paste_back: bool = True,
         progress: ProgressFn | None = None,
         output_type: str = "pil",
         batch_invariant: bool = True,
         vae_tiling: bool | None = None,
     ) -> list[Image.Image] | torch.Tensor:
-        """Generate images.
+        """Generate images from text (txt2img), from text and an image (img2img), or repaint a masked region.
 
         Args:
             prompt: one prompt (repeated ``num_images`` times) or one prompt per image.
             negative_prompt: what to steer away from (the unconditional half of guidance).
             steps, guidance_scale, sampler, height, width, eta, karras: default to the model's
-                ``config.sampling`` values.
+                ``config.sampling`` values (height and width to the image's size when one is given).
             seed: image ``i`` uses initial noise from ``torch.Generator("cpu").manual_seed(seed + i)``,
                 exactly as diffusers does with that generator, so image ``i`` of a batch is the
                 image generated alone with seed ``seed + i``.
@@ -255,6 +286,19 @@ class Txt2ImgPipeline:
                 (:mod:`ldm.sampling.signal_leak`; the same generator, after the noise). ``None``: when the
                 model has them. diffusers has no such option: :meth:`diffusers_latents` gives the
                 ``latents=`` that make its StableDiffusionPipeline draw the same image.
+            image: img2img (SDEdit): encode this image, noise it to the level ``strength`` selects
+                and run the rest of the chain (about ``steps * strength`` steps), as diffusers'
+                StableDiffusionImg2ImgPipeline does, generator use included (posterior sample, then noise).
+            strength: how much of the chain to run, in (0, 1]; default 0.75 (img2img) or 1.0 (inpainting).
+            mask_image: inpainting: repaint where the mask is white (grey >= 128). A 9-channel
+                inpainting U-Net gets the mask and the masked image's latents as extra input; any other
+                model gets the known region's noised latents put back after every step. Both as
+                diffusers' StableDiffusionInpaintPipeline.
+            mask_blur: Gaussian blur radius (pixels) of the mask used for ``paste_back`` (AUTOMATIC1111's
+                "Mask blur"; the sampling mask stays sharp).
+            paste_back: inpainting: composite the result over the input image with the (blurred) mask,
+                so that pixels outside the mask are the input's exactly (AUTOMATIC1111 does this;
+                diffusers does not).
             progress: optional ``progress(done, total)`` called after each step (``total`` counts
                 the steps of all images).
             batch_invariant: sample images one at a time so that results never depend on the batch
@@ -264,44 +308,142 @@ class Txt2ImgPipeline:
             vae_tiling: decode in overlapping tiles (bounded memory, see :meth:`decode`); ``None``:
                 when the image has more than :data:`AUTO_TILING_PIXELS` pixels.
         """
+        if image is not None and (height is None or width is None):
+            default_width, default_height = default_size(image, self.vae.downsample_factor)
+            height, width = height or default_height, width or default_width
         options = self.sampling_options(steps=steps, guidance_scale=guidance_scale, sampler=sampler,
                                         height=height, width=width, eta=eta, karras=karras, signal_leak=signal_leak)
+        condition = self.image_condition(image, mask_image, strength, options)
         prompts, negatives = _expand_prompts(prompt, negative_prompt, num_images)
         seeds = [seed + i for i in range(len(prompts))]
-        total_steps = options.steps * len(prompts)
+        steps_run = options.steps - (steps_to_skip(options.steps, condition.strength) if condition else 0)
+        total_steps = steps_run * len(prompts)
         # CPU kernels give slightly different float results for different batch sizes, so by
         # default each image is sampled alone: then image i is bitwise the one seed + i gives alone.
         chunk = len(prompts) if not batch_invariant else 1
         images = []
         for start in range(0, len(prompts), chunk):
-            done_before = start * options.steps
+            done_before = start * steps_run
             report = (lambda done, d=done_before: progress(d + done, total_steps)) if progress else None
             z = self._generate(prompts[start:start + chunk], negatives[start:start + chunk],
-                               seeds[start:start + chunk], options, report)
+                               seeds[start:start + chunk], options, report, condition)
             images.append(self.decode(z, tiled=vae_tiling))
         images = torch.cat(images)
+        if condition is not None and condition.mask is not None and paste_back:
+            images = self.paste_back(images, image, mask_image, mask_blur, options)
         return images if output_type == "pt" else to_pil(images)
 
+    def image_condition(self, image: Image.Image | None, mask_image: Image.Image | None,
+                        strength: float | None, options) -> ImageCondition | None:
+        """The img2img / inpainting inputs at the generation size (``None`` for txt2img)."""
+        if image is None:
+            if mask_image is not None or strength is not None:
+                raise ImageInputError("mask_image and strength need an image")
+            return None
+        strength = (1.0 if mask_image is not None else 0.75) if strength is None else strength
+        steps_to_skip(options.steps, strength)  # validates strength
+        if self.is_inpainting_model and mask_image is None:
+            raise ImageInputError("this is an inpainting model: it needs a mask_image")
+        tensor = image_to_tensor(image, options.width, options.height)
+        if mask_image is None:
+            return ImageCondition(tensor, strength)
+        check_mask(mask_image, image)
+        return ImageCondition(tensor, strength, mask_to_tensor(mask_image, options.width, options.height))
+
+    @property
+    def is_inpainting_model(self) -> bool:
+        """True for U-Nets that take the mask and the masked image's latents as extra input channels."""
+        return self.config.unet.in_channels == 2 * self.config.vae.latent_channels + 1
+
     def _generate(self, prompts: list[str], negatives: list[str], seeds: list[int], options,
-                  progress: Callable[[int], None] | None) -> torch.Tensor:
+                  progress: Callable[[int], None] | None, condition: ImageCondition | None = None) -> torch.Tensor:
         """Algorithm 2 for one batch: final latents ``z [B, C, h, w]`` (float32, diffusers' scale)."""
         # Classifier-free guidance (Ho & Salimans 2022): one batched U-Net call on [uncond, cond].
         context = self.encode_prompt(prompts)
         uncond_context = self.encode_prompt(negatives) if options.guidance_scale != 1 else None
         spec = SAMPLERS[options.sampler]
-        denoiser = DiscreteDenoiser(self.unet_prediction, self.schedule, self.config.schedule.prediction,
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        sigmas = self.schedule.sampling_sigmas(options.steps, sampler=options.sampler, karras=options.karras)
+        if condition is None:
+            x, model, put_back = self.starting_point(generators, sigmas, options), self.unet_prediction, None
+        else:
+            sigmas = sigmas[steps_to_skip(options.steps, condition.strength):]
+            x, model, put_back = self.image_start(condition, generators, sigmas, options)
+        denoiser = DiscreteDenoiser(model, self.schedule, self.config.schedule.prediction,
                                     round_timesteps=options.karras and spec.diffusers_rounds_karras_timesteps)
         denoise = cfg_denoiser(denoiser, context, uncond_context, options.guidance_scale)
 
-        sigmas = self.schedule.sampling_sigmas(options.steps, sampler=options.sampler, karras=options.karras)
-        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        x = self.starting_point(generators, sigmas, options)
+        def after_step(i: int, x: torch.Tensor, _x0: torch.Tensor) -> torch.Tensor | None:
+            if progress is not None:
+                progress(i + 1)
+            return put_back(i, x) if put_back is not None else None
 
-        callback = (lambda i, *_: progress(i + 1)) if progress else None
         sampler_options = {"eta": options.eta} if "eta" in spec.options else {}
-        x = spec.fn(denoise, x, sigmas, generator=generators, callback=callback, **sampler_options)
+        x = spec.fn(denoise, x, sigmas, generator=generators, callback=after_step, **sampler_options)
 
         return final_latents(x, sigmas, sampler=options.sampler)
+
+    def image_start(self, condition: ImageCondition, generators: list[torch.Generator], sigmas: torch.Tensor,
+                    options) -> tuple[torch.Tensor, Callable, Callable | None]:
+        """img2img / inpainting: the starting point, the U-Net function and the per-step put-back.
+
+        Draws from each row's generator in diffusers' order: the image's posterior sample (unless an
+        inpainting U-Net starts from pure noise), the noise, then the masked image's posterior sample
+        (inpainting U-Nets). Returns ``(x [B, C, h, w] at sigmas[0], model(x, t, context), put_back)``;
+        ``put_back(i, x)`` (ordinary models with a mask) replaces the known region after step ``i``
+        by the image's latents noised to ``sigmas[i + 1]`` (clean after the last step).
+        """
+        image = condition.image.to(self.device, self.vae_dtype)
+        inpainting_model = self.is_inpainting_model
+        encode_image = not (inpainting_model and condition.starts_from_noise)
+        image_latents = self.encode_rows(image, generators) if encode_image else None
+        noise = self.initial_noise(generators, options.height, options.width)
+        if condition.starts_from_noise:
+            x = self.starting_point_from_noise(noise, generators, sigmas, options)
+        else:
+            x = image_latents + float(sigmas[0]) * noise  # x_sigma = x0 + sigma * eps on the sigma scale
+        if condition.mask is None:
+            return x, self.unet_prediction, None
+        mask = latent_mask(condition.mask, self.vae.downsample_factor).to(self.device)
+        if inpainting_model:
+            masked_latents = self.encode_rows(condition.masked_image.to(self.device, self.vae_dtype), generators)
+            extra = torch.cat([mask.expand(len(generators), -1, -1, -1), masked_latents], dim=1)
+
+            def model(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+                # [noisy latents, mask, masked-image latents]: the SD inpainting U-Net's 9 channels
+                return self.unet_prediction(torch.cat([x, extra.repeat(x.shape[0] // extra.shape[0], 1, 1, 1)], 1),
+                                            t, context)
+
+            return x, model, None
+        last = len(sigmas) - 2
+
+        def put_back(i: int, x: torch.Tensor) -> torch.Tensor:
+            if i < last:
+                known = image_latents + float(sigmas[i + 1]) * noise
+            else:  # clean, on the chain's final scale (DDIM ends at sigma_min > 0: see final_latents)
+                known = image_latents * math.sqrt(1 + float(sigmas[-1]) ** 2)
+            return (1 - mask) * known + mask * x
+
+        return x, self.unet_prediction, put_back
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    def encode_rows(self, image: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """``image [1, 3, H, W]`` -> one posterior sample per generator, ``[B, C, h, w]`` float32 (scaled)."""
+        rows = [self.vae.encode_latents(image, sample=True, generator=g) for g in generators]
+        return torch.cat(rows).float()
+
+    def paste_back(self, images: torch.Tensor, image: Image.Image, mask_image: Image.Image, mask_blur: float,
+                   options) -> torch.Tensor:
+        """``images [B, 3, H, W]`` in [0, 1] composited over the input image with the blurred mask."""
+        size = (options.width, options.height)
+        original = (image_to_tensor(image, *size) + 1) / 2
+        sharp = mask_to_tensor(mask_image, *size)
+        soft = blur_mask(to_pil(sharp.expand(-1, 3, -1, -1))[0], mask_blur)
+        weight = torch.from_numpy(np.asarray(soft, dtype=np.float32) / 255.0)[None, None]
+        return weight * images + (1 - weight) * original
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, *, tiled: bool | None = None) -> torch.Tensor:
@@ -314,8 +456,8 @@ class Txt2ImgPipeline:
         f = self.vae.downsample_factor
         if tiled is None:
             tiled = z.shape[-2] * z.shape[-1] * f * f > AUTO_TILING_PIXELS
-        vae_dtype = next(self.vae.parameters()).dtype
-        images = self.vae.decode_latents(z.to(vae_dtype), tiled=tiled).float()
+        vae_dtype = self.vae_dtype
+        images = self.vae.decode_latents(z.to(vae_dtype, memory_format=self.memory_format), tiled=tiled).float()
         if vae_dtype == torch.float16 and not torch.isfinite(images).all():
             logger.warning("the VAE overflowed in float16; decoding again in float32")
             images = copy.deepcopy(self.vae).float().decode_latents(z.float(), tiled=tiled)
@@ -323,11 +465,16 @@ class Txt2ImgPipeline:
 
     def unet_prediction(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """The U-Net in its own dtype, with float32 in and out for the sampler's arithmetic."""
-        return self.unet(x.to(self.dtype), t, context.to(self.dtype)).float()
+        return self.unet(x.to(self.dtype, memory_format=self.memory_format), t, context.to(self.dtype)).float()
 
     def starting_point(self, generators: list[torch.Generator], sigmas: torch.Tensor, options) -> torch.Tensor:
         """``x [B, C, h, w]`` at ``sigmas[0]`` on the sigma scale: scaled noise, plus the signal leak if any."""
         noise = self.initial_noise(generators, options.height, options.width)
+        return self.starting_point_from_noise(noise, generators, sigmas, options)
+
+    def starting_point_from_noise(self, noise: torch.Tensor, generators: list[torch.Generator], sigmas: torch.Tensor,
+                                  options) -> torch.Tensor:
+        """Unit ``noise [B, C, h, w]`` -> the txt2img starting point (the leak draws after the noise)."""
         x = initial_latents(noise, sigmas, sampler=options.sampler,
                             timestep_spacing=self.config.schedule.timestep_spacing)
         if options.signal_leak is not None:
@@ -352,7 +499,7 @@ class Txt2ImgPipeline:
     def initial_noise(self, generators: list[torch.Generator], height: int, width: int) -> torch.Tensor:
         """Unit Gaussian noise ``[B, C, H/f, W/f]``, row ``i`` drawn from ``generators[i]`` on the CPU."""
         f = self.vae.downsample_factor
-        shape = (self.config.unet.in_channels, height // f, width // f)
+        shape = (self.config.vae.latent_channels, height // f, width // f)
         rows = [torch.randn((1, *shape), generator=g, dtype=torch.float32) for g in generators]
         return torch.cat(rows).to(self.device)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ldm.models import attention as attention_module
-from ldm.models.attention import attention
+from ldm.models.attention import attention, available_backends, use_attention_backend
 from ldm.formats.compvis import unet_config_from_compvis
 from ldm.formats.unet_keys import config_from_diffusers, diffusers_config, from_diffusers, to_diffusers
 from ldm.models.unet import UNetConfig, UNetModel, timestep_embedding
@@ -273,3 +273,17 @@ def test_gradient_checkpointing_gives_same_gradients():
     assert len(calls) == 3  # forward + recomputation in backward: checkpointing really ran
     for name, grad in plain.items():
         assert (grad - checkpointed[name]).abs().max() < 1e-6, name
+
+
+def test_attention_backend_can_be_forced():
+    q, k, v = (torch.randn(2, 5, 8) for _ in range(3))
+    with use_attention_backend("sdpa"):
+        forced = attention(q, k, v, num_heads=2)
+    torch.testing.assert_close(forced, attention(q, k, v, num_heads=2))
+    assert "sdpa" in available_backends()
+    if "xformers" not in available_backends():
+        with use_attention_backend("xformers"), pytest.raises(RuntimeError, match="xformers"):
+            attention(q, k, v, num_heads=2)
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        with use_attention_backend("flash"):
+            pass

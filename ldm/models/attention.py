@@ -5,14 +5,18 @@ Every attention layer of the U-Net calls :func:`attention`, so the backend (torc
 place. Both compute ``softmax(q k^T / sqrt(head_dim)) v`` per head (Vaswani et al. 2017, eq. 1).
 
 Backend choice: xformers when it is importable *and* the tensors live on CUDA, otherwise torch
-SDPA. xformers is imported lazily on first use and the result is cached, so importing this
-module does no work. Each backend is logged once, the first time it runs.
+SDPA; :func:`use_attention_backend` forces one (benchmarks compare them). xformers is imported
+lazily on first use and the result is cached, so importing this module does no work. Each
+backend is logged once, the first time it runs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import logging
+from collections.abc import Iterator
 from types import ModuleType
 
 import torch.nn.functional as F
@@ -21,6 +25,8 @@ from torch import Tensor
 logger = logging.getLogger(__name__)
 
 _logged_backends: set[str] = set()
+BACKENDS = ("auto", "sdpa", "xformers")
+_backend: contextvars.ContextVar[str] = contextvars.ContextVar("attention_backend", default="auto")
 
 
 @functools.lru_cache(maxsize=1)
@@ -31,6 +37,25 @@ def _xformers_ops() -> ModuleType | None:
     except Exception:  # ImportError, or a broken build compiled for another torch
         return None
     return xformers.ops
+
+
+def available_backends() -> list[str]:
+    """The backends that can run here: ``sdpa`` always, ``xformers`` where it imports and CUDA exists."""
+    import torch
+
+    return ["sdpa"] + (["xformers"] if torch.cuda.is_available() and _xformers_ops() is not None else [])
+
+
+@contextlib.contextmanager
+def use_attention_backend(name: str) -> Iterator[None]:
+    """Within the block, attention runs on ``name`` (one of :data:`BACKENDS`; ``auto`` is the default rule)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose from {', '.join(BACKENDS)}")
+    token = _backend.set(name)
+    try:
+        yield
+    finally:
+        _backend.reset(token)
 
 
 def _log_backend_once(name: str) -> None:
@@ -66,7 +91,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, num_heads: int, upcast: bool =
         q, k, v = q.float(), k.float(), v.float()
     q, k, v = (_split_heads(x, num_heads) for x in (q, k, v))  # [B, L, H, D]
 
-    xops = _xformers_ops() if q.is_cuda else None
+    backend = _backend.get()
+    xops = _xformers_ops() if q.is_cuda and backend != "sdpa" else None
+    if backend == "xformers" and xops is None:
+        raise RuntimeError("xformers attention was asked for, but xformers is not importable or the tensors are not on CUDA")
     if xops is not None:
         _log_backend_once("xformers.memory_efficient_attention")
         out = xops.memory_efficient_attention(q.contiguous(), k.contiguous(), v.contiguous())

@@ -8,7 +8,9 @@ Every sampler has the signature ``sample_x(denoise, x, sigmas, *, generator=None
 * ``sigmas``: the descending chain ``[N+1]`` from :meth:`ldm.sampling.schedule.NoiseSchedule.sampling_sigmas`;
 * ``generator``: ``None``, a ``torch.Generator``, or one generator per batch row (row ``i``'s noise
   then comes only from ``generator[i]``, so an image does not depend on its batch neighbours);
-* ``callback(step_index, x, x0)``: called after each step with the new ``x`` and the x0 estimate.
+* ``callback(step_index, x, x0)``: called after each step with the new ``x`` and the x0 estimate;
+  a tensor it returns replaces ``x`` (inpainting puts the known region back this way, as
+  diffusers' inpainting loop does after each scheduler step).
 
 Inputs are never modified in place and all randomness comes from ``generator``.
 
@@ -33,7 +35,7 @@ from ldm.sampling.denoiser import DenoiseFn
 from ldm.sampling.registry import SAMPLER_INFO, SamplerInfo
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
-Callback = Callable[[int, Tensor, Tensor], None] | None
+Callback = Callable[[int, Tensor, Tensor], Tensor | None] | None
 
 
 # ---------------------------------------------------------------------- shared helpers
@@ -70,9 +72,10 @@ def _full(x: Tensor, sigma: float) -> Tensor:
     return torch.full((x.shape[0],), sigma, dtype=torch.float32, device=x.device)
 
 
-def _report(callback: Callback, i: int, x: Tensor, x0: Tensor) -> None:
-    if callback is not None:
-        callback(i, x, x0)
+def _report(callback: Callback, i: int, x: Tensor, x0: Tensor) -> Tensor:
+    """Tell ``callback`` about step ``i``; return the ``x`` to continue from (the callback's, if it returned one)."""
+    replaced = callback(i, x, x0) if callback is not None else None
+    return x if replaced is None else replaced
 
 
 def ancestral_split(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
@@ -106,7 +109,7 @@ def _ancestral_loop(
         x = _euler_step(x, x0, sigma, sigma_down)
         if eta > 0:
             x = x + randn_like_rows(x, generator) * sigma_up
-        _report(callback, i, x, x0)
+        x = _report(callback, i, x, x0)
     return x
 
 
@@ -147,7 +150,7 @@ def sample_euler(
     for i, (sigma, sigma_next) in enumerate(_steps(sigmas)):
         x0 = denoise(x, _full(x, sigma))
         x = _euler_step(x, x0, sigma, sigma_next)
-        _report(callback, i, x, x0)
+        x = _report(callback, i, x, x0)
     return x
 
 
@@ -175,7 +178,7 @@ def sample_heun(
             # trapezoidal correction: average the slopes at both ends of the step
             derivative_next = (x_euler - denoise(x_euler, _full(x, sigma_next))) / sigma_next
             x = x + (derivative + derivative_next) / 2 * (sigma_next - sigma)
-        _report(callback, i, x, x0)
+        x = _report(callback, i, x, x0)
     return x
 
 
@@ -205,7 +208,7 @@ def sample_dpmpp_2m(
             x = (sigma_next / sigma) * x - math.expm1(-h) * x0_mix
             h_prev = h
         x0_prev = x0
-        _report(callback, i, x, x0)
+        x = _report(callback, i, x, x0)
     return x
 
 

@@ -1,145 +1,385 @@
 #!/usr/bin/env python
-"""Speed of our U-Net and of a full generation against diffusers, same weights, same run.
+"""Speed and memory of our pipeline beside diffusers and OpenVINO: same random weights, one run.
 
-    python scripts/bench/benchmark.py                     # SD1.5 architecture, batch 2, 256x256, fp32
-    python scripts/bench/benchmark.py --size 512 --steps 10 --device cuda --dtype float16
+    python scripts/bench/benchmark.py                           # U-Net, 256 and 512 px images, decode memory
+    python scripts/bench/benchmark.py --sizes 256 --skip-memory  # a quicker look
+    python scripts/bench/benchmark.py --compile                 # ours fast under torch.compile (first calls compile)
 
-Both sides get identical random weights (ours converted through the key maps), so the ratio
-compares implementations, not models. Prints median wall times, the ratio (ours/diffusers,
-below 1 means we are faster) and achieved GFLOP/s (FLOPs counted once with torch's counter).
+Contenders (one that cannot run here is skipped with the reason):
+
+- ``diffusers fp32``: diffusers' StableDiffusionPipeline in float32, the reference;
+- ``diffusers bf16``: the same in bfloat16;
+- ``OpenVINO``: optimum-intel's OVStableDiffusionPipeline, exported from the same diffusers
+  folder (it picks bfloat16 itself on CPUs that have it). optimum-intel pins older transformers
+  and huggingface_hub, so it lives in a virtual environment of its own (the README says how);
+- ``ours fp32`` and ``ours fast``: :class:`~ldm.pipeline.Txt2ImgPipeline` with ``--dtype float32``
+  and ``--dtype fast`` (:mod:`ldm.hardware`: bfloat16 + channels-last on CPUs with native
+  bfloat16); ``--compile`` and ``--contiguous`` change the fast one.
+
+Every contender gets the SD1.5 architecture with the same random weights (output convolutions
+perturbed, so nothing is zero), the same starting latents, DDIM and guidance 7.5. Within each
+repeat the contenders run one after another, and the medians of the repeats are compared, so a
+change in machine load hits all of them alike. Ratios are against diffusers fp32 and OpenVINO;
+image differences are against diffusers fp32, in uint8 levels.
+
+Decoding memory is measured in a fresh process per case: the peak resident set size during the
+decode minus the resident size just before it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import resource
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
 
-
+from autoencoder.model import AutoencoderConfig, AutoencoderKL
 from ldm.config import PipelineConfig, SamplingDefaults
+from ldm.hardware import cpu_has_native_bf16, pick_precision
 from ldm.models.builder import perturb_zero_initialised
-from ldm.pipeline import Txt2ImgPipeline
-from ldm.sampling.schedule import ScheduleConfig
 from ldm.models.text_encoders import TextEncoderConfig
 from ldm.models.unet import UNetConfig
-from autoencoder.model import AutoencoderConfig
+from ldm.pipeline import AUTO_TILING_PIXELS, Txt2ImgPipeline
+from ldm.sampling.schedule import ScheduleConfig
 
 logger = logging.getLogger("benchmark")
 
-
-def sd15_config(size: int) -> PipelineConfig:
-    """Stable Diffusion 1.5's architecture (v1-inference.yaml)."""
-    return PipelineConfig(
-        unet=UNetConfig(), vae=AutoencoderConfig(), text_encoder=TextEncoderConfig.sd1(),
-        schedule=ScheduleConfig(), sampling=SamplingDefaults(height=size, width=size, sampler="ddim"),
-    )
+PROMPT = "a red bicycle"
+GUIDANCE = 7.5
+BATCH = 2  # one image with classifier-free guidance: the U-Net sees [uncond, cond]
 
 
-def seconds(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+def sd15_config() -> PipelineConfig:
+    """Stable Diffusion 1.5's architecture (v1-inference.yaml), DDIM sampling."""
+    return PipelineConfig(unet=UNetConfig(), vae=AutoencoderConfig(), text_encoder=TextEncoderConfig.sd1(),
+                          schedule=ScheduleConfig(), sampling=SamplingDefaults(sampler="ddim"))
 
 
-def median_seconds_interleaved(ours, theirs, repeats: int, device: torch.device) -> tuple[float, float]:
-    """Median wall times of ``ours`` and ``theirs``, run alternately so that a change in machine load
-    hits both sides alike. One untimed warm-up call each (allocator, kernel selection)."""
-    ours(), theirs()
-    times = [(seconds(ours, device), seconds(theirs, device)) for _ in range(repeats)]
-    return statistics.median(t for t, _ in times), statistics.median(t for _, t in times)
+@dataclass
+class Contender:
+    """One implementation: a U-Net forward and a whole generation, both timed."""
+
+    name: str
+    unet_forward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], object]  # (x, t, context) -> output
+    generate: Callable[[int, int, torch.Tensor], np.ndarray]  # (size, steps, latents) -> uint8 [H, W, 3]
+    times: dict[str, list[float]] = field(default_factory=dict)
+    images: dict[int, np.ndarray] = field(default_factory=dict)
 
 
-def count_flops(fn) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
+def to_uint8(images: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Images in [0, 1] (``[1, H, W, 3]`` or ``[1, 3, H, W]``) -> uint8 ``[H, W, 3]``, as the PNG holds them."""
+    if isinstance(images, torch.Tensor):
+        images = images.float().permute(0, 2, 3, 1).cpu().numpy()
+    return (np.clip(images[0], 0, 1) * 255).round().astype(np.uint8)
 
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return float(counter.get_total_flops())
+
+# ---------------------------------------------------------------------------------------- contenders
 
 
-def row(name: str, ours: float, theirs: float, flops: float | None) -> str:
-    rate = f"{flops / ours / 1e9:8.1f} | {flops / theirs / 1e9:8.1f}" if flops else "       - |        -"
-    return f"| {name:<28} | {ours:8.3f} | {theirs:8.3f} | {ours / theirs:5.2f} | {rate} |"
+def ours(pipe: Txt2ImgPipeline, name: str) -> Contender:
+    def unet_forward(x, t, context):
+        return pipe.unet_prediction(x, t, context)
+
+    def generate(size, steps, _latents):
+        # seed 0 starts from the latents the others are given (see Txt2ImgPipeline.diffusers_latents).
+        images = pipe(PROMPT, steps=steps, guidance_scale=GUIDANCE, sampler="ddim", seed=0, height=size,
+                      width=size, output_type="pt")
+        return to_uint8(images)
+
+    return Contender(name, unet_forward, generate)
+
+
+def diffusers_contender(folder: Path, dtype: torch.dtype, name: str) -> Contender:
+    import diffusers
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, torch_dtype=dtype,
+                                                             safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+
+    def unet_forward(x, t, context):
+        return pipe.unet(x.to(dtype), t, encoder_hidden_states=context.to(dtype)).sample
+
+    def generate(size, steps, latents):
+        images = pipe(PROMPT, num_inference_steps=steps, guidance_scale=GUIDANCE, height=size, width=size,
+                      latents=latents.to(dtype), output_type="np").images
+        return to_uint8(images)
+
+    return Contender(name, unet_forward, generate)
+
+
+def openvino_contender(folder: Path, sizes: list[int]) -> Contender:
+    """optimum-intel's pipeline, exported once per image size (static shapes are its fast mode)."""
+    import diffusers
+    from optimum.intel import OVStableDiffusionPipeline
+
+    started = time.perf_counter()
+    exported = OVStableDiffusionPipeline.from_pretrained(folder, export=True, compile=False, local_files_only=True)
+    logger.info("OpenVINO export: %.1f s", time.perf_counter() - started)
+    exported.scheduler = diffusers.DDIMScheduler.from_config(exported.scheduler.config)
+    exported.set_progress_bar_config(disable=True)
+    compiled: dict[int, object] = {}
+
+    def at_size(size):
+        if size not in compiled:
+            exported.reshape(batch_size=1, height=size, width=size, num_images_per_prompt=1)
+            exported.compile()
+            compiled.clear()
+            compiled[size] = exported
+        return compiled[size]
+
+    def unet_forward(x, t, context):
+        pipe = at_size(x.shape[-1] * 8)
+        # The exported U-Net takes one timestep for the batch (shape [1]).
+        return pipe.unet(sample=x.numpy(), timestep=t[:1].numpy(), encoder_hidden_states=context.numpy())
+
+    def generate(size, steps, latents):
+        images = at_size(size)(PROMPT, num_inference_steps=steps, guidance_scale=GUIDANCE, height=size,
+                               width=size, latents=latents, output_type="np").images
+        return to_uint8(np.asarray(images))
+
+    return Contender("OpenVINO", unet_forward, generate)
+
+
+def build_contenders(args, folder: Path, reference: Txt2ImgPipeline) -> list[Contender]:
+    contenders = [diffusers_contender(folder, torch.float32, "diffusers fp32")]
+    try:
+        contenders.append(diffusers_contender(folder, torch.bfloat16, "diffusers bf16"))
+    except Exception as error:  # a peer that cannot run here is reported, not fatal
+        logger.warning("diffusers bf16 skipped: %s", str(error).splitlines()[0])
+    try:
+        contenders.append(openvino_contender(folder, args.sizes))
+    except ImportError:
+        logger.warning("OpenVINO skipped: optimum-intel is not installed (see the README's benchmark section)")
+    contenders.append(ours(reference, "ours fp32"))
+    precision = pick_precision("fast", torch.device("cpu"))
+    if args.contiguous:
+        precision = replace(precision, channels_last=False)
+    fast = Txt2ImgPipeline.from_pretrained(folder).to(dtype=precision.dtype, memory_format=precision.memory_format)
+    name = f"ours fast ({precision.describe()})"
+    if args.compile:
+        fast.compile()
+        name = f"ours fast + compile ({precision.describe()})"
+    contenders.append(ours(fast, name))
+    return contenders
+
+
+# ---------------------------------------------------------------------------------------- timing
+
+
+def timed(fn, *args) -> float:
+    started = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - started
+
+
+def measure(contenders: list[Contender], key: str, call, repeats: int) -> None:
+    """One untimed warm-up per contender, then ``repeats`` rounds through all of them in turn."""
+    for contender in contenders:
+        started = time.perf_counter()
+        call(contender)
+        contender.times.setdefault("warm-up " + key, []).append(time.perf_counter() - started)
+    for _ in range(repeats):
+        for contender in contenders:
+            contender.times.setdefault(key, []).append(timed(call, contender))
+    logger.info("%s: %s", key, ", ".join(f"{c.name} {statistics.median(c.times[key]):.2f} s" for c in contenders))
+
+
+def unet_inputs(size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(BATCH, 4, size // 8, size // 8, generator=generator)
+    context = torch.randn(BATCH, 77, 768, generator=generator)
+    return x, torch.full((BATCH,), 500.0), context
+
+
+def run_speed(args, contenders: list[Contender], reference: Txt2ImgPipeline) -> list[tuple[str, int | None]]:
+    """Time every measurement; return the table's rows as (measurement, image size whose images to compare)."""
+    rows = []
+    for size in args.sizes:
+        x, t, context = unet_inputs(size)
+        key = f"U-Net forward, batch {BATCH}, {size}px"
+        with torch.no_grad():
+            measure(contenders, key, lambda c: c.unet_forward(x, t, context), args.repeats)
+        rows.append((key, None))
+    for size in args.sizes:
+        latents = reference.diffusers_latents(seed=0, sampler="ddim", steps=args.steps, height=size, width=size)
+
+        def generate(contender, size=size, latents=latents):
+            contender.images[size] = contender.generate(size, args.steps, latents)
+
+        key = f"txt2img {size}px, {args.steps} steps"
+        measure(contenders, key, generate, args.repeats)
+        rows.append((key, size))
+    return rows
+
+
+def ratio(seconds: float, reference: Contender | None, key: str) -> str:
+    if reference is None or key not in reference.times:
+        return "-"
+    return f"{seconds / statistics.median(reference.times[key]):.2f}"
+
+
+def image_difference(contender: Contender, reference: Contender, size: int) -> str:
+    if size not in contender.images or size not in reference.images:
+        return "-"
+    levels = np.abs(contender.images[size].astype(np.int16) - reference.images[size].astype(np.int16))
+    return f"{levels.mean():.2f} / {levels.max()}"
+
+
+def print_speed_table(rows: list[tuple[str, int | None]], contenders: list[Contender]) -> None:
+    reference = contenders[0]
+    openvino = next((c for c in contenders if c.name == "OpenVINO"), None)
+    print("\n| measurement | contender | median s | vs diffusers fp32 | vs OpenVINO | image diff vs diffusers fp32 "
+          "(uint8 mean / max) |")
+    print("|---|---|---|---|---|---|")
+    for key, size in rows:
+        for contender in contenders:
+            seconds = statistics.median(contender.times[key])
+            diff = image_difference(contender, reference, size) if size else ""
+            print(f"| {key} | {contender.name} | {seconds:.2f} | {ratio(seconds, reference, key)} | "
+                  f"{ratio(seconds, openvino, key)} | {diff} |")
+    print("\nFirst calls (warm-up; with --compile they include compiling): "
+          + "; ".join(f"{c.name}: " + ", ".join(f"{k.removeprefix('warm-up ')} {statistics.median(v):.1f} s"
+                                                 for k, v in c.times.items() if k.startswith("warm-up"))
+                      for c in contenders))
+
+
+# ---------------------------------------------------------------------------------------- decode memory
+
+DECODE_CASES = (("diffusers", 1024), ("ours", 1024), ("diffusers", 2048), ("ours untiled", 2048), ("ours", 2048))
+
+
+def resident_mib() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def peak_resident_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def decode_memory_child(kind: str, size: int) -> dict:
+    """Runs in a fresh process: random-weight SD VAE, decode ``size`` x ``size``, report memory and time."""
+    torch.manual_seed(0)
+    latents = torch.randn(1, 4, size // 8, size // 8)
+    if kind == "diffusers":
+        import diffusers
+
+        vae = diffusers.AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                                      down_block_types=("DownEncoderBlock2D",) * 4,
+                                      up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4).eval()
+        decode = lambda: vae.decode(latents).sample  # noqa: E731
+    else:
+        vae = AutoencoderKL(AutoencoderConfig()).eval()
+        # "ours": the pipeline's rule, tiles above AUTO_TILING_PIXELS; "ours untiled": never.
+        tiled = kind == "ours" and size * size > AUTO_TILING_PIXELS
+        decode = lambda: vae.decode(latents, tiled=tiled)  # noqa: E731
+    before, peak_before = resident_mib(), peak_resident_mib()
+    started = time.perf_counter()
+    with torch.no_grad():
+        decode()
+    seconds = time.perf_counter() - started
+    return {"kind": kind, "size": size, "extra_mib": peak_resident_mib() - before, "seconds": seconds,
+            "peak_before_mib": peak_before, "before_mib": before}
+
+
+def run_memory(cases=DECODE_CASES) -> list[dict]:
+    results = []
+    for kind, size in cases:
+        command = [sys.executable, __file__, "--decode-memory-child", kind, str(size)]
+        completed = subprocess.run(command, capture_output=True, text=True)
+        if completed.returncode != 0:
+            tail = (completed.stderr.strip().splitlines() or ["no output"])[-1]
+            results.append({"kind": kind, "size": size, "error": tail})
+        else:
+            results.append(json.loads(completed.stdout.strip().splitlines()[-1]))
+        logger.info("decode %s %dpx: %s", kind, size, results[-1])
+    return results
+
+
+def print_memory_table(results: list[dict]) -> None:
+    print("\n| decode (fp32, one image) | extra peak memory GiB | seconds |")
+    print("|---|---|---|")
+    for result in results:
+        label = f"{result['size']}x{result['size']}, {result['kind']}"
+        if result["kind"] == "ours" and result["size"] * result["size"] > AUTO_TILING_PIXELS:
+            label += " (tiled automatically)"
+        if "error" in result:
+            print(f"| {label} | failed: {result['error']} | - |")
+        else:
+            print(f"| {label} | {result['extra_mib'] / 1024:.2f} | {result['seconds']:.1f} |")
+
+
+# ---------------------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="image sides in pixels")
+    parser.add_argument("--steps", type=int, default=20, help="sampling steps of a whole image")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (the median is reported)")
+    parser.add_argument("--compile", action="store_true", help="compile ours fast with torch.compile")
+    parser.add_argument("--contiguous", action="store_true",
+                        help="ours fast without channels-last (to see what channels-last adds)")
+    parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--decode-memory-child", nargs=2, metavar=("KIND", "SIZE"), help=argparse.SUPPRESS)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=256, help="image side in pixels")
-    parser.add_argument("--batch", type=int, default=2, help="U-Net batch (2 = one image with CFG)")
-    parser.add_argument("--steps", type=int, default=5, help="sampling steps of the full generation")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
-    parser.add_argument("--skip-generation", action="store_true")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    if args.decode_memory_child:
+        kind, size = args.decode_memory_child
+        print(json.dumps(decode_memory_child(kind, int(size))))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import diffusers
 
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    torch.manual_seed(0)
-    config = sd15_config(args.size)
-    start = time.perf_counter()
-    ours = Txt2ImgPipeline.from_config(config)
-    # A fresh U-Net's output convolutions are zero: without this both U-Nets would output zeros.
-    perturb_zero_initialised([ours.unet, ours.vae])
-    ours = ours.to(device, dtype)
-    logger.info("built our SD1.5-architecture pipeline in %.1f s", time.perf_counter() - start)
-    folder = Path(".benchmark-sd15")
-    ours.save_pretrained(folder, format="diffusers")
-    theirs = diffusers.StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, dtype=dtype)
-    theirs.scheduler = diffusers.DDIMScheduler.from_config(theirs.scheduler.config)
-    theirs = theirs.to(device)
-    theirs.set_progress_bar_config(disable=True)
-
-    latent = args.size // 8
-    x = torch.randn(args.batch, 4, latent, latent, device=device, dtype=dtype)
-    t = torch.full((args.batch,), 500.0, device=device)
-    context = torch.randn(args.batch, 77, 768, device=device, dtype=dtype)
-    with torch.no_grad():
-        flops = count_flops(lambda: ours.unet(x, t, context))
-        out_ours = ours.unet(x, t, context)
-        out_theirs = theirs.unet(x, t, encoder_hidden_states=context).sample
-        unet_ours, unet_theirs = median_seconds_interleaved(
-            lambda: ours.unet(x, t, context), lambda: theirs.unet(x, t, encoder_hidden_states=context),
-            args.repeats, device)
-
-    print(f"\nSD1.5 architecture, random weights, {args.device} {args.dtype}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}, diffusers {diffusers.__version__}")
-    print(f"U-Net outputs agree to max abs diff {(out_ours - out_theirs).abs().max().item():.2e} "
-          f"(output magnitude: max abs {out_theirs.abs().max().item():.2e})")
-    print("| measurement                  |  ours s  | diff. s  | ratio | ours GFLOP/s | diff. GFLOP/s |")
-    print("|---|---|---|---|---|---|")
-    print(row(f"U-Net fwd, batch {args.batch}, {args.size}px", unet_ours, unet_theirs, flops))
-
-    if not args.skip_generation:
-        prompt = "a red bicycle"
-
-        def generate_ours():
-            return ours(prompt, steps=args.steps, guidance_scale=7.5, sampler="ddim", seed=0, output_type="pt")
-
-        def generate_theirs():
-            return theirs(prompt, num_inference_steps=args.steps, guidance_scale=7.5, height=args.size,
-                          width=args.size, generator=torch.Generator("cpu").manual_seed(0), output_type="pt").images
-
-        gen_flops = count_flops(generate_ours)  # text encoder + steps x U-Net + VAE decoder
-        gen_ours, gen_theirs = median_seconds_interleaved(generate_ours, generate_theirs,
-                                                          max(1, args.repeats - 2), device)
-        image_diff = (generate_ours().cpu() - generate_theirs().cpu()).abs().max().item()
-        print(row(f"txt2img {args.size}px, {args.steps} DDIM steps", gen_ours, gen_theirs, gen_flops))
-        print(f"generated images agree to max abs diff {image_diff:.2e} (pixel values in [0, 1])")
-    import shutil
-
-    shutil.rmtree(folder, ignore_errors=True)
+    print(f"SD1.5 architecture, random weights, CPU, {torch.get_num_threads()} threads, native bf16: "
+          f"{cpu_has_native_bf16()}, torch {torch.__version__}, diffusers {diffusers.__version__}")
+    if not args.skip_speed:
+        torch.manual_seed(0)
+        reference = Txt2ImgPipeline.from_config(sd15_config())
+        perturb_zero_initialised([reference.unet, reference.vae])  # else the U-Net's output is all zeros
+        folder = Path(tempfile.mkdtemp(prefix="benchmark-sd15-"))
+        try:
+            reference.save_pretrained(folder, format="diffusers")
+            contenders = build_contenders(args, folder, reference)
+            check_agreement(contenders)
+            rows = run_speed(args, contenders, reference)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        print_speed_table(rows, contenders)
+    if not args.skip_memory:
+        print_memory_table(run_memory())
     return 0
+
+
+def check_agreement(contenders: list[Contender]) -> None:
+    """Our fp32 U-Net against diffusers' on the same input: implementations, not noise, are timed."""
+    x, t, context = unet_inputs(256)
+    with torch.no_grad():
+        theirs = contenders[0].unet_forward(x, t, context)
+        mine = next(c for c in contenders if c.name == "ours fp32").unet_forward(x, t, context)
+    if theirs.abs().max() == 0:
+        raise SystemExit("the reference U-Net outputs zeros: the agreement check would prove nothing")
+    difference = (mine - theirs).abs().max().item()
+    print(f"U-Net fp32 agreement: max abs diff {difference:.2e} (output max abs {theirs.abs().max().item():.2e})")
+    if difference > 1e-3 * theirs.abs().max().item():
+        raise SystemExit("our U-Net disagrees with diffusers': the timings would compare different networks")
 
 
 if __name__ == "__main__":

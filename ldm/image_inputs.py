@@ -1,0 +1,126 @@
+"""Images given to the pipeline: img2img's starting image, inpainting's mask, and what is done with them.
+
+Everything here is pixel-space bookkeeping around the sampling core, done the way diffusers'
+``VaeImageProcessor`` does it (so results equal diffusers' img2img and inpainting pipelines):
+
+- an image becomes ``[1, 3, H, W]`` in ``[-1, 1]``, resized (Lanczos) when its size differs from
+  the requested one;
+- a mask becomes ``[1, 1, H, W]`` with values 0 (keep) and 1 (repaint): grey levels >= 0.5 count
+  as repaint (white = repaint, as in diffusers and AUTOMATIC1111);
+- ``strength`` selects where on the sampling chain to start (SDEdit, Meng et al. 2021): with
+  ``steps`` steps, the last ``int(steps * strength)`` of them are run.
+
+AUTOMATIC1111's extras live here too: mask blur (a soft edge for the final composite), "only
+masked" (work on a padded crop around the mask at full resolution, paste it back) and
+outpainting (extend the canvas, the new border becomes the mask).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageFilter
+
+from ldm.errors import ImageInputError
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------- conversion
+
+
+def default_size(image: Image.Image, multiple: int) -> tuple[int, int]:
+    """(width, height) of ``image`` rounded down to a multiple of ``multiple`` (the VAE's factor)."""
+    width, height = (side - side % multiple for side in image.size)
+    if width == 0 or height == 0:
+        raise ImageInputError(f"the image ({image.size[0]}x{image.size[1]}) is smaller than {multiple} pixels")
+    return width, height
+
+
+def image_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
+    """PIL image -> ``[1, 3, height, width]`` float32 in [-1, 1] (Lanczos-resized if its size differs)."""
+    image = image.convert("RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), resample=Image.LANCZOS)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
+    return pixels.permute(2, 0, 1)[None] * 2 - 1
+
+
+def mask_to_tensor(mask: Image.Image, width: int, height: int) -> torch.Tensor:
+    """PIL mask -> ``[1, 1, height, width]`` of 0 (keep) / 1 (repaint); grey >= 0.5 (128/255) repaints."""
+    mask = mask.convert("L")
+    if mask.size != (width, height):
+        mask = mask.resize((width, height), resample=Image.LANCZOS)
+    grey = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None, None]
+    return (grey >= 0.5).float()
+
+
+def latent_mask(mask: torch.Tensor, downsample_factor: int) -> torch.Tensor:
+    """Pixel mask ``[1, 1, H, W]`` -> latent mask ``[1, 1, H/f, W/f]`` (nearest, as diffusers)."""
+    height, width = mask.shape[-2:]
+    return F.interpolate(mask, size=(height // downsample_factor, width // downsample_factor))
+
+
+def steps_to_skip(steps: int, strength: float) -> int:
+    """How many of ``steps`` to skip for img2img ``strength`` (diffusers' ``get_timesteps``)."""
+    if not 0 < strength <= 1:
+        raise ImageInputError(f"strength must be in (0, 1], got {strength:g}")
+    run = min(int(steps * strength), steps)
+    if run < 1:
+        raise ImageInputError(f"strength {strength:g} with {steps} steps leaves no step to run; "
+                              "raise --steps or --strength")
+    return steps - run
+
+
+# ---------------------------------------------------------------------------------------- conditions
+
+
+@dataclass
+class ImageCondition:
+    """What the sampling core needs from an img2img or inpainting request.
+
+    Attributes:
+        image: ``[1, 3, H, W]`` in [-1, 1], the starting image.
+        strength: fraction of the chain to run, in (0, 1]; 1 with a mask starts from pure noise.
+        mask: ``[1, 1, H, W]`` 0/1 (1 = repaint) or ``None`` (img2img).
+    """
+
+    image: torch.Tensor
+    strength: float
+    mask: torch.Tensor | None = None
+
+    @property
+    def masked_image(self) -> torch.Tensor:
+        """The image with the region to repaint set to 0 (grey): an inpainting U-Net's extra input."""
+        return self.image * (self.mask < 0.5)
+
+    @property
+    def starts_from_noise(self) -> bool:
+        """Inpainting at strength 1 starts from pure noise, as txt2img does (diffusers' ``is_strength_max``)."""
+        return self.mask is not None and self.strength == 1.0
+
+
+def blur_mask(mask: Image.Image, radius: float) -> Image.Image:
+    """A Gaussian-blurred copy of a PIL mask (AUTOMATIC1111's "Mask blur", in pixels)."""
+    return mask.convert("L").filter(ImageFilter.GaussianBlur(radius)) if radius > 0 else mask.convert("L")
+
+
+def paste_back(original: Image.Image, generated: Image.Image, soft_mask: Image.Image) -> Image.Image:
+    """``generated`` where ``soft_mask`` is white, ``original`` where it is black, blended in between.
+
+    Where the mask is 0 the result's pixels are the original's exactly.
+    """
+    return Image.composite(generated.convert("RGB"), original.convert("RGB"), soft_mask.convert("L"))
+
+
+def check_mask(mask: Image.Image, image: Image.Image) -> None:
+    """Refuse an empty mask; warn when the mask's size differs from the image's (it is resized)."""
+    if mask.size != image.size:
+        logger.warning("the mask is %dx%d but the image is %dx%d: resizing the mask to the image",
+                       *mask.size, *image.size)
+    if not np.any(np.asarray(mask.convert("L")) >= 128):
+        raise ImageInputError("the mask is empty: nothing is white (white = repaint)")
