@@ -18,6 +18,7 @@ outpainting (extend the canvas, the new border becomes the mask).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -105,16 +106,10 @@ class ImageCondition:
 
 
 def blur_mask(mask: Image.Image, radius: float) -> Image.Image:
-    """A Gaussian-blurred copy of a PIL mask (AUTOMATIC1111's "Mask blur", in pixels)."""
-    return mask.convert("L").filter(ImageFilter.GaussianBlur(radius)) if radius > 0 else mask.convert("L")
-
-
-def paste_back(original: Image.Image, generated: Image.Image, soft_mask: Image.Image) -> Image.Image:
-    """``generated`` where ``soft_mask`` is white, ``original`` where it is black, blended in between.
-
-    Where the mask is 0 the result's pixels are the original's exactly.
-    """
-    return Image.composite(generated.convert("RGB"), original.convert("RGB"), soft_mask.convert("L"))
+    """The mask binarised as sampling sees it (grey >= 128 -> 255), then Gaussian-blurred by ``radius``
+    pixels (AUTOMATIC1111's "Mask blur"; 0 leaves it sharp)."""
+    sharp = mask.convert("L").point(lambda value: 255 if value >= 128 else 0)
+    return sharp.filter(ImageFilter.GaussianBlur(radius)) if radius > 0 else sharp
 
 
 def check_mask(mask: Image.Image, image: Image.Image) -> None:
@@ -124,3 +119,80 @@ def check_mask(mask: Image.Image, image: Image.Image) -> None:
                        *mask.size, *image.size)
     if not np.any(np.asarray(mask.convert("L")) >= 128):
         raise ImageInputError("the mask is empty: nothing is white (white = repaint)")
+
+
+# ---------------------------------------------------------------------------------------- AUTOMATIC1111 extras
+
+Box = tuple[int, int, int, int]  # (left, top, right, bottom) in pixels, right/bottom exclusive
+
+
+def mask_box(mask: Image.Image) -> Box:
+    """The smallest box holding every repaint pixel (grey >= 128) of ``mask``."""
+    rows, cols = np.nonzero(np.asarray(mask.convert("L")) >= 128)
+    if rows.size == 0:
+        raise ImageInputError("the mask is empty: nothing is white (white = repaint)")
+    return int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1
+
+
+def only_masked_region(mask: Image.Image, padding: int, width: int, height: int) -> Box:
+    """AUTOMATIC1111's "Inpaint area: only masked": the mask's box grown by ``padding`` pixels on each
+    side, then widened or heightened about its centre to the ``width : height`` aspect of the
+    generation size, kept inside the image (shifted, and clipped only when the image is too small)."""
+    left, top, right, bottom = mask_box(mask)
+    left, top, right, bottom = left - padding, top - padding, right + padding, bottom + padding
+    box_width, box_height = right - left, bottom - top
+    if box_width * height > box_height * width:  # too wide for the aspect: grow the height
+        box_height = math.ceil(box_width * height / width)
+    else:
+        box_width = math.ceil(box_height * width / height)
+    centre_x, centre_y = (left + right) / 2, (top + bottom) / 2
+    return _fit_box(centre_x, centre_y, box_width, box_height, mask.size)
+
+
+def _fit_box(centre_x: float, centre_y: float, box_width: int, box_height: int, size: tuple[int, int]) -> Box:
+    left, right = _fit_span(centre_x, box_width, size[0])
+    top, bottom = _fit_span(centre_y, box_height, size[1])
+    return left, top, right, bottom
+
+
+def _fit_span(centre: float, length: int, limit: int) -> tuple[int, int]:
+    """A span of ``length`` about ``centre``, shifted inside ``[0, limit)`` (clipped if longer than the limit)."""
+    length = min(length, limit)
+    start = min(max(0, round(centre - length / 2)), limit - length)
+    return start, start + length
+
+
+def paste_into(original: Image.Image, generated: Image.Image, soft_mask: Image.Image, box: Box | None = None
+               ) -> Image.Image:
+    """``generated`` (resized into ``box``, default the whole image) composited over ``original`` with ``soft_mask``.
+
+    Where ``soft_mask`` is 0 the result's pixels are the original's exactly.
+    """
+    canvas = original.convert("RGB").copy()
+    box = box or (0, 0, *original.size)
+    region = generated.convert("RGB")
+    size = (box[2] - box[0], box[3] - box[1])
+    canvas.paste(region if region.size == size else region.resize(size, Image.LANCZOS), box[:2])
+    return Image.composite(canvas, original.convert("RGB"), soft_mask.convert("L"))
+
+
+def outpaint_canvas(image: Image.Image, left: int, right: int, top: int, bottom: int, *, multiple: int = 8,
+                    overlap: int = 8) -> tuple[Image.Image, Image.Image]:
+    """Extend ``image`` by the given pixels on each side -> (canvas, mask) for inpainting the new border.
+
+    The new border is filled by repeating the edge pixels (a neutral start for the VAE); the mask
+    covers it plus ``overlap`` pixels of the old image on each extended side, so the seam is repainted
+    too. Right and bottom grow further if needed to make the canvas a multiple of ``multiple``.
+    """
+    if min(left, right, top, bottom) < 0 or left + right + top + bottom == 0:
+        raise ImageInputError("outpaint needs non-negative pixels per side, at least one of them > 0")
+    width, height = image.size
+    right += -(width + left + right) % multiple
+    bottom += -(height + top + bottom) % multiple
+    pixels = np.pad(np.asarray(image.convert("RGB")), ((top, bottom), (left, right), (0, 0)), mode="edge")
+    mask = np.full(pixels.shape[:2], 255, dtype=np.uint8)
+    keep_top, keep_left = top + (overlap if top else 0), left + (overlap if left else 0)
+    keep_bottom = top + height - (overlap if bottom else 0)
+    keep_right = left + width - (overlap if right else 0)
+    mask[keep_top:keep_bottom, keep_left:keep_right] = 0
+    return Image.fromarray(pixels), Image.fromarray(mask)

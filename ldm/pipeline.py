@@ -33,7 +33,7 @@ from ldm.config import PipelineConfig, SamplingDefaults, load_config, save_confi
 from ldm.sampling.denoiser import DiscreteDenoiser, cfg_denoiser
 from ldm.errors import CheckpointError, ConfigError, ImageInputError
 from ldm.image_inputs import (ImageCondition, blur_mask, check_mask, default_size, image_to_tensor, latent_mask,
-                              mask_to_tensor, steps_to_skip)
+                              mask_to_tensor, only_masked_region, paste_into, steps_to_skip)
 from ldm.sampling.samplers import SAMPLERS, final_latents, initial_latents
 from ldm.sampling.schedule import NoiseSchedule
 from ldm.sampling.signal_leak import SignalLeak
@@ -267,6 +267,8 @@ class Txt2ImgPipeline:
         mask_image: Image.Image | None = None,
         mask_blur: float = 0,
         paste_back: bool = True,
+        only_masked: bool = False,
+        only_masked_padding: int = 32,
         progress: ProgressFn | None = None,
         output_type: str = "pil",
         batch_invariant: bool = True,
@@ -299,6 +301,10 @@ class Txt2ImgPipeline:
             paste_back: inpainting: composite the result over the input image with the (blurred) mask,
                 so that pixels outside the mask are the input's exactly (AUTOMATIC1111 does this;
                 diffusers does not).
+            only_masked: inpainting: work on the mask's box grown by ``only_masked_padding`` pixels
+                (and to the generation size's aspect), resized to the generation size (``height`` x
+                ``width``, default the image's), then paste that back into the full image (always
+                pasted). AUTOMATIC1111's "Inpaint area: Only masked": small regions get full resolution.
             progress: optional ``progress(done, total)`` called after each step (``total`` counts
                 the steps of all images).
             batch_invariant: sample images one at a time so that results never depend on the batch
@@ -308,11 +314,19 @@ class Txt2ImgPipeline:
             vae_tiling: decode in overlapping tiles (bounded memory, see :meth:`decode`); ``None``:
                 when the image has more than :data:`AUTO_TILING_PIXELS` pixels.
         """
+        original_image, region = image, None
         if image is not None and (height is None or width is None):
             default_width, default_height = default_size(image, self.vae.downsample_factor)
             height, width = height or default_height, width or default_width
         options = self.sampling_options(steps=steps, guidance_scale=guidance_scale, sampler=sampler,
                                         height=height, width=width, eta=eta, karras=karras, signal_leak=signal_leak)
+        if only_masked:
+            if mask_image is None:
+                raise ImageInputError("only_masked needs a mask_image")
+            check_mask(mask_image, image)
+            mask_image = mask_image.convert("L").resize(image.size) if mask_image.size != image.size else mask_image
+            region = only_masked_region(mask_image, only_masked_padding, options.width, options.height)
+            image, mask_image, full_mask = image.crop(region), mask_image.crop(region), mask_image
         condition = self.image_condition(image, mask_image, strength, options)
         prompts, negatives = _expand_prompts(prompt, negative_prompt, num_images)
         seeds = [seed + i for i in range(len(prompts))]
@@ -329,9 +343,15 @@ class Txt2ImgPipeline:
                                seeds[start:start + chunk], options, report, condition)
             images.append(self.decode(z, tiled=vae_tiling))
         images = torch.cat(images)
-        if condition is not None and condition.mask is not None and paste_back:
-            images = self.paste_back(images, image, mask_image, mask_blur, options)
-        return images if output_type == "pt" else to_pil(images)
+        if condition is None or condition.mask is None or not (paste_back or only_masked):
+            return images if output_type == "pt" else to_pil(images)
+        if only_masked:
+            image, mask_image = original_image, full_mask
+        # Composite in uint8, so that pixels outside the mask are the input's exactly.
+        soft_mask = blur_mask(mask_image.convert("L").resize(image.size) if mask_image.size != image.size
+                              else mask_image, mask_blur)
+        pasted = [paste_into(image, generated, soft_mask, region) for generated in to_pil(images)]
+        return pasted if output_type != "pt" else torch.stack([pil_to_tensor(p) for p in pasted])
 
     def image_condition(self, image: Image.Image | None, mask_image: Image.Image | None,
                         strength: float | None, options) -> ImageCondition | None:
@@ -435,16 +455,6 @@ class Txt2ImgPipeline:
         rows = [self.vae.encode_latents(image, sample=True, generator=g) for g in generators]
         return torch.cat(rows).float()
 
-    def paste_back(self, images: torch.Tensor, image: Image.Image, mask_image: Image.Image, mask_blur: float,
-                   options) -> torch.Tensor:
-        """``images [B, 3, H, W]`` in [0, 1] composited over the input image with the blurred mask."""
-        size = (options.width, options.height)
-        original = (image_to_tensor(image, *size) + 1) / 2
-        sharp = mask_to_tensor(mask_image, *size)
-        soft = blur_mask(to_pil(sharp.expand(-1, 3, -1, -1))[0], mask_blur)
-        weight = torch.from_numpy(np.asarray(soft, dtype=np.float32) / 255.0)[None, None]
-        return weight * images + (1 - weight) * original
-
     @torch.no_grad()
     def decode(self, z: torch.Tensor, *, tiled: bool | None = None) -> torch.Tensor:
         """Latents ``z [B, C, h, w]`` -> images ``[B, 3, H, W]`` in [0, 1], float32 on the CPU.
@@ -547,6 +557,11 @@ def _expand_prompts(prompt, negative_prompt, num_images: int) -> tuple[list[str]
         if len(negatives) != len(prompts):
             raise ConfigError(f"got {len(prompts)} prompts but {len(negatives)} negative prompts")
     return prompts, negatives
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB PIL image -> ``[3, H, W]`` float32 in [0, 1]."""
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
