@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -176,3 +177,70 @@ def test_missing_lora_file_is_one_line_and_exit_code_2():
     result = run_cli("x", "--lora", "/no/such/lora.safetensors:0.5")
     assert result.returncode == 2
     assert result.stderr.strip() == "txt2img.py: error: --lora file not found: /no/such/lora.safetensors"
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory):
+    """A 32x32 image, a mask over its upper-left quarter, a wrong-size mask and a file that is not an image."""
+    folder = tmp_path_factory.mktemp("pictures")
+    Image.radial_gradient("L").resize((32, 32)).convert("RGB").save(folder / "image.png")
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (0, 0, 16, 16))
+    mask.save(folder / "mask.png")
+    Image.new("L", (16, 16), 255).save(folder / "small-mask.png")
+    (folder / "not-an-image.png").write_text("hello")
+    return folder
+
+
+def test_img2img_and_inpaint_write_pngs_with_a1111_fields(tmp_path, model_dir, pictures):
+    from ldm.cli import img2img, inpaint
+    from ldm.images import read_a1111_parameters
+
+    common = ["a blue car", "--model", str(model_dir), "--steps", "4", "--quiet"]
+    assert img2img.main([*common, "--init-img", str(pictures / "image.png"), "--strength", "0.5",
+                         "--outdir", str(tmp_path / "i2i")]) == 0
+    assert inpaint.main([*common, "--image", str(pictures / "image.png"), "--mask", str(pictures / "mask.png"),
+                         "--mask-blur", "2", "--outdir", str(tmp_path / "inpaint")]) == 0
+    assert inpaint.main([*common, "--image", str(pictures / "image.png"), "--outpaint", "0,16,0,0",
+                         "--outdir", str(tmp_path / "outpaint")]) == 0
+    redrawn = Image.open(next((tmp_path / "i2i").glob("*.png")))
+    assert read_a1111_parameters(redrawn.info["parameters"])["Denoising strength"] == "0.5"
+    inpainted = Image.open(next((tmp_path / "inpaint").glob("*.png")))
+    fields = read_a1111_parameters(inpainted.info["parameters"])
+    assert fields["Mask blur"] == "2" and fields["Denoising strength"] == "1"
+    original = np.asarray(Image.open(pictures / "image.png"))
+    assert np.array_equal(np.asarray(inpainted)[24:, 24:], original[24:, 24:])  # far from the mask: untouched
+    assert Image.open(next((tmp_path / "outpaint").glob("*.png"))).size == (48, 32)
+
+
+@pytest.mark.parametrize(
+    "mode, args, message",
+    [
+        ("img2img", ["--init-img", "{p}/missing.png"], "--init-img file not found"),
+        ("img2img", ["--init-img", "{p}/not-an-image.png"], "is not a readable image"),
+        ("img2img", ["--init-img", "{p}/image.png", "--strength", "1.5"], "--strength must be in (0, 1]"),
+        ("img2img", [], "the following arguments are required: --init-img"),
+        ("inpaint", ["--image", "{p}/image.png"], "--mask is required"),
+        ("inpaint", ["--image", "{p}/image.png", "--mask", "{p}/small-mask.png"], "must be the same size"),
+        ("inpaint", ["--image", "{p}/image.png", "--outpaint", "1,2"], "--outpaint takes LEFT,RIGHT,TOP,BOTTOM"),
+    ],
+)
+def test_image_modes_bad_input_is_one_line_and_exit_code_2(pictures, mode, args, message):
+    script = ROOT / "scripts" / f"{mode}.py"
+    result = subprocess.run([sys.executable, str(script), "x", *(a.format(p=pictures) for a in args)],
+                            capture_output=True, text=True, cwd=ROOT,
+                            env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_empty_mask_is_one_line_and_exit_code_2(tmp_path, model_dir, pictures):
+    Image.new("L", (32, 32), 0).save(tmp_path / "empty.png")
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "inpaint.py"), "x", "--model", str(model_dir),
+                             "--image", str(pictures / "image.png"), "--mask", str(tmp_path / "empty.png"),
+                             "--outdir", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT,
+                            env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 2
+    assert "the mask is empty" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -1,6 +1,8 @@
 """The user commands, installed as console scripts and run by the thin files in ``scripts/``:
 
 * ``tinysd-txt2img`` = ``scripts/txt2img.py`` (:mod:`ldm.cli.txt2img`)
+* ``tinysd-img2img`` = ``scripts/img2img.py`` and ``tinysd-inpaint`` = ``scripts/inpaint.py``: the same
+  command in its image modes (:mod:`ldm.cli.img2img`, :mod:`ldm.cli.inpaint`)
 * ``tinysd-train`` = ``scripts/train.py`` (:mod:`ldm.cli.train`)
 * ``tinysd-convert-checkpoint`` = ``scripts/convert_checkpoint.py`` (:mod:`ldm.cli.convert_checkpoint`)
 * ``tinysd-fit-signal-leak`` = ``scripts/fit_signal_leak.py`` (:mod:`ldm.cli.fit_signal_leak`)

@@ -1,8 +1,11 @@
-"""Generate images from text prompts.
+"""Generate images from text prompts, and (the same command in other modes) from images: img2img and inpainting.
 
     python scripts/txt2img.py "a red bicycle"
     python scripts/txt2img.py "a castle" --model path/to/stable-diffusion-v1-5 --steps 25 --seed 7
     python scripts/txt2img.py "a castle" --model v2-1_768-ema-pruned.safetensors --prediction v
+    python scripts/img2img.py "a blue bicycle" --init-img bicycle.png --strength 0.6
+    python scripts/inpaint.py "a green ball" --image photo.png --mask mask.png --mask-blur 4 --only-masked
+    python scripts/inpaint.py "a sunny field" --image photo.png --outpaint 0,128,0,0
 
 Writes numbered PNGs into --outdir (never overwriting a file), each carrying its generation
 parameters in the AUTOMATIC1111 "parameters" text chunk, and prints their paths.
@@ -21,10 +24,17 @@ from ldm.hardware import DTYPE_NAMES
 from ldm.sampling.registry import SAMPLER_NAMES
 
 
-def build_parser() -> argparse.ArgumentParser:
+MODES = {
+    "txt2img": "Generate images from a text prompt with a Stable-Diffusion-style model.",
+    "img2img": "Redraw an image after a text prompt (SDEdit: noise it part way, then denoise with the prompt).",
+    "inpaint": "Repaint the white part of a mask (or a new border: --outpaint) after a text prompt.",
+}
+
+
+def build_parser(mode: str = "txt2img") -> argparse.ArgumentParser:
     parser = OneLineErrorParser(
-        prog="txt2img.py",
-        description="Generate images from a text prompt with a Stable-Diffusion-style model.",
+        prog=f"{mode}.py",
+        description=MODES[mode],
         epilog="Prompts are encoded with the CLIP tokenizer, which reads at most 77 tokens for Stable "
         "Diffusion (75 words or word pieces; 32 tokens for the small default model): longer prompts "
         "are truncated with a warning.",
@@ -51,9 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="images sampled together as one batch (faster on a GPU). 1 (default): each image "
                         "is bitwise the one its seed gives alone; larger batches agree with that to within "
                         "float rounding on the CPU, not bitwise")
-    parser.add_argument("--H", type=int, dest="height", help="image height in pixels, multiple of 8")
-    parser.add_argument("--W", type=int, dest="width", help="image width in pixels, multiple of 8")
-    parser.add_argument("--outdir", type=Path, default=Path("outputs/txt2img"), help="output folder")
+    size_default = "the model's" if mode == "txt2img" else "the input image's"
+    parser.add_argument("--H", type=int, dest="height", help=f"image height in pixels, multiple of 8 (default: {size_default})")
+    parser.add_argument("--W", type=int, dest="width", help=f"image width in pixels, multiple of 8 (default: {size_default})")
+    parser.add_argument("--outdir", type=Path, default=Path("outputs") / mode, help="output folder")
     parser.add_argument("--grid", action=argparse.BooleanOptionalAction, default=True,
                         help="also save a grid of all images when there is more than one")
     parser.add_argument("--device", default="auto", help="auto (cuda, mps, then cpu), cpu, cuda, cuda:1, mps")
@@ -71,7 +82,67 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-signal-leak", dest="signal_leak", action="store_false", default=None,
                         help="start from pure noise even when the model has signal-leak statistics")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or info logs")
+    if mode == "img2img":
+        parser.add_argument("--init-img", type=Path, required=True, help="the image to start from")
+        parser.add_argument("--strength", type=float, default=0.75,
+                            help="how much to change, in (0, 1]: runs about steps x strength steps (default 0.75)")
+    if mode == "inpaint":
+        parser.add_argument("--image", type=Path, required=True, help="the image to repaint")
+        parser.add_argument("--mask", type=Path, help="white = repaint, black = keep (required unless --outpaint)")
+        parser.add_argument("--strength", type=float, default=1.0,
+                            help="1 (default) repaints from pure noise; lower keeps more of the masked region")
+        parser.add_argument("--mask-blur", type=float, default=4, help="blur (pixels) of the mask's edge when "
+                            "pasting the result over the image (default 4)")
+        parser.add_argument("--only-masked", action="store_true",
+                            help="work on the masked region at full resolution, then paste it back")
+        parser.add_argument("--padding", type=int, default=32, help="--only-masked: pixels around the mask (default 32)")
+        parser.add_argument("--outpaint", metavar="LEFT,RIGHT,TOP,BOTTOM",
+                            help="extend the canvas by these pixels and paint the new border")
     return parser
+
+
+def open_image(parser: argparse.ArgumentParser, flag: str, path: Path):
+    """Open and fully read an image file, or exit with a one-line error."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except FileNotFoundError:
+        parser.error(f"{flag} file not found: {path}")
+    except (UnidentifiedImageError, OSError) as error:
+        parser.error(f"{flag} {path} is not a readable image ({error.__class__.__name__})")
+
+
+def check_image_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """img2img / inpaint: read the images, check strength, padding, blur and --outpaint."""
+    if not hasattr(args, "strength"):
+        args.images = {}
+        return
+    if not 0 < args.strength <= 1:
+        parser.error(f"--strength must be in (0, 1], got {args.strength:g}")
+    if hasattr(args, "init_img"):
+        args.images = {"image": open_image(parser, "--init-img", args.init_img)}
+        return
+    for flag, value in (("--padding", args.padding), ("--mask-blur", args.mask_blur)):
+        if value < 0:
+            parser.error(f"{flag} must be >= 0, got {value:g}")
+    if args.outpaint is not None:
+        try:
+            args.outpaint = tuple(int(part) for part in args.outpaint.split(","))
+        except ValueError:
+            args.outpaint = ()
+        if len(args.outpaint) != 4 or min(args.outpaint) < 0 or sum(args.outpaint) == 0:
+            parser.error("--outpaint takes LEFT,RIGHT,TOP,BOTTOM: four pixel counts >= 0, not all 0")
+    elif args.mask is None:
+        parser.error("--mask is required (or --outpaint)")
+    image = open_image(parser, "--image", args.image)
+    mask = open_image(parser, "--mask", args.mask) if args.mask is not None else None
+    if mask is not None and mask.size != image.size:
+        parser.error(f"--mask is {mask.size[0]}x{mask.size[1]} but --image is {image.size[0]}x{image.size[1]}: "
+                     "they must be the same size")
+    args.images = {"image": image, "mask_image": mask}
 
 
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
@@ -91,6 +162,7 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     if single_file_options and (args.model is None or Path(args.model).expanduser().is_dir()):
         parser.error(f"{', '.join(single_file_options)} apply to a single-file checkpoint (--model FILE)")
     args.lora = [parse_lora(parser, spec) for spec in args.lora]
+    check_image_arguments(parser, args)
     if args.from_file is not None:
         if args.prompt is not None:
             parser.error("give a prompt or --from-file, not both")
@@ -121,8 +193,8 @@ def parse_lora(parser: argparse.ArgumentParser, spec: str) -> tuple[Path, float]
     return Path(path), scale
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: list[str] | None = None, mode: str = "txt2img") -> int:
+    parser = build_parser(mode)
     args = parser.parse_args(argv)
     prompts = check_arguments(parser, args)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
@@ -146,6 +218,7 @@ def generate(args: argparse.Namespace, prompts: list[str]) -> int:
     from tqdm import tqdm
 
     from ldm.hardware import pick_device, pick_precision
+    from ldm.image_inputs import default_size
     from ldm.images import a1111_parameters, make_grid, save_new_png
     from ldm.pipeline import Txt2ImgPipeline
 
@@ -167,14 +240,19 @@ def generate(args: argparse.Namespace, prompts: list[str]) -> int:
     if args.compile:
         pipe.compile()
     logging.getLogger("txt2img").info("running on %s in %s", device, precision.describe())
+    image_inputs, extra = image_arguments(args, pipe.vae.downsample_factor)
+    if "image" in image_inputs and (args.height is None or args.width is None):
+        default_width, default_height = default_size(image_inputs["image"], pipe.vae.downsample_factor)
+        args.height, args.width = args.height or default_height, args.width or default_width
     options = pipe.sampling_options(steps=args.steps, guidance_scale=args.scale, sampler=args.sampler,
                                     height=args.height, width=args.width, eta=args.eta, karras=args.karras,
                                     signal_leak=args.signal_leak)
     model_name = Path(args.model).name if args.model else "default"
-    extra = {"Model": model_name}
+    extra = {**extra, "Model": model_name}
     if args.lora:
         extra["LoRA"] = ", ".join(f"{path.stem}:{scale:g}" for path, scale in args.lora)
-    if options.signal_leak is not None:
+    starts_from_noise = not image_inputs or (image_inputs.get("mask_image") is not None and args.strength == 1)
+    if options.signal_leak is not None and starts_from_noise:
         extra["Signal leak"] = "on"
 
     images, seed = [], args.seed
@@ -188,7 +266,7 @@ def generate(args: argparse.Namespace, prompts: list[str]) -> int:
                              height=options.height, width=options.width, num_images=count, eta=options.eta,
                              karras=options.karras, signal_leak=options.signal_leak is not None,
                              progress=lambda done, total: bar.update(done - bar.n),
-                             batch_invariant=args.batch_size == 1, vae_tiling=args.vae_tiling)
+                             batch_invariant=args.batch_size == 1, vae_tiling=args.vae_tiling, **image_inputs)
             for offset, image in enumerate(batch):
                 parameters = a1111_parameters(
                     prompt, args.negative_prompt, steps=options.steps, sampler=options.sampler,
@@ -201,6 +279,39 @@ def generate(args: argparse.Namespace, prompts: list[str]) -> int:
     if args.grid and len(images) > 1:
         print(save_new_png(make_grid(images), args.outdir, "grid"), flush=True)
     return 0
+
+
+def image_arguments(args: argparse.Namespace, multiple: int) -> tuple[dict, dict]:
+    """The pipeline's image keywords for this mode, and the AUTOMATIC1111 PNG fields that record them."""
+    if not args.images:
+        return {}, {}
+    inputs, extra = dict(args.images), {"Denoising strength": f"{args.strength:g}"}
+    inputs["strength"] = args.strength
+    if "mask_image" not in inputs:
+        return inputs, extra
+    if args.outpaint:
+        from ldm.image_inputs import outpaint_canvas
+
+        canvas, border = outpaint_canvas(inputs["image"], *args.outpaint, multiple=multiple)
+        inputs["image"], inputs["mask_image"] = canvas, combined_outpaint_mask(inputs["mask_image"], border,
+                                                                                  args.outpaint)
+        extra["Outpaint"] = ",".join(str(side) for side in args.outpaint)
+    inputs.update(mask_blur=args.mask_blur, only_masked=args.only_masked, only_masked_padding=args.padding)
+    extra["Mask blur"] = f"{args.mask_blur:g}"
+    if args.only_masked:
+        extra.update({"Inpaint area": "Only masked", "Masked area padding": args.padding})
+    return inputs, extra
+
+
+def combined_outpaint_mask(mask, border, sides: tuple[int, int, int, int]):
+    """The new border's mask, plus the user's mask (if any) moved onto the extended canvas."""
+    if mask is None:
+        return border
+    from PIL import Image, ImageChops
+
+    moved = Image.new("L", border.size, 0)
+    moved.paste(mask.convert("L"), (sides[0], sides[2]))
+    return ImageChops.lighter(border, moved)
 
 
 if __name__ == "__main__":
