@@ -216,3 +216,56 @@ def test_outpainting_keeps_the_old_image_and_fills_the_new_border(sd_folder):
     assert result.shape == (32, 48, 3)
     assert np.array_equal(result[:, :28], np.asarray(image)[:, :28])
     assert not np.array_equal(result[:, 32:], np.asarray(canvas)[:, 32:])
+
+
+def test_inpainting_model_round_trips_through_single_files(tmp_path):
+    """9 input channels are read from the weights alone (no metadata, as files come in the wild), and the
+    CompVis YAML we write for it (LatentInpaintDiffusion, "hybrid") loads back to the same images."""
+    import safetensors.torch
+
+    from ldm.config_io import write_yaml
+    from ldm.formats.compvis import compvis_yaml
+    from ldm.formats.single_file_write import original_state_dict
+    from tests.test_single_file import oracle_config
+
+    config = oracle_config("clip", "eps")
+    torch.manual_seed(8)
+    pipe = Txt2ImgPipeline.from_config(replace(config, unet=replace(config.unet, in_channels=9)))
+    perturb_zero_initialised([pipe.unet, pipe.vae])
+    state, _ = original_state_dict(pipe.config, {n: getattr(pipe, n).state_dict() for n in ("unet", "vae",
+                                                                                            "text_encoder")})
+    safetensors.torch.save_file(state, str(tmp_path / "bare.safetensors"))
+    inferred = Txt2ImgPipeline.from_single_file(tmp_path / "bare.safetensors")
+    assert inferred.config.unet.in_channels == 9 and inferred.is_inpainting_model
+    yaml_path = tmp_path / "bare.yaml"
+    write_yaml(compvis_yaml(pipe.config), yaml_path)
+    model = compvis_yaml(pipe.config)["model"]
+    assert model["target"].endswith("LatentInpaintDiffusion") and model["params"]["conditioning_key"] == "hybrid"
+    from_yaml = Txt2ImgPipeline.from_single_file(tmp_path / "bare.safetensors", yaml_path)
+    options = dict(image=make_image(), mask_image=box_mask(4, 4, 20, 12), seed=1, steps=3, sampler="euler",
+                   guidance_scale=5.0, output_type="pt")
+    assert torch.equal(from_yaml(PROMPT, **options), pipe(PROMPT, **options))
+
+
+def test_inpainting_folder_is_marked_for_diffusers_and_other_pipelines_are_refused(tmp_path, inpainting_folder,
+                                                                                    sd_folder):
+    import json
+    import shutil
+
+    from ldm.errors import CheckpointError
+
+    _, folder = inpainting_folder
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "StableDiffusionInpaintPipeline"
+    _, plain = sd_folder
+    depth = tmp_path / "depth"
+    shutil.copytree(plain, depth)
+    index = json.loads((depth / "model_index.json").read_text())
+    (depth / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionDepth2ImgPipeline"}))
+    with pytest.raises(CheckpointError, match="StableDiffusionDepth2ImgPipeline folder"):
+        Txt2ImgPipeline.from_pretrained(depth)
+    unet_config = json.loads((plain / "unet" / "config.json").read_text())
+    upscaler = tmp_path / "odd-unet"
+    shutil.copytree(plain, upscaler)
+    (upscaler / "unet" / "config.json").write_text(json.dumps({**unet_config, "in_channels": 7}))
+    with pytest.raises(CheckpointError, match="x4 upscaler"):
+        Txt2ImgPipeline.from_pretrained(upscaler)

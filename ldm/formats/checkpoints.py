@@ -242,3 +242,22 @@ class atomic_folder:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(self.temp, self.path)
+
+
+def check_unet_channels(unet, vae, source: str) -> None:
+    """Refuse U-Nets this package cannot drive: text-to-image (latent channels in and out) and SD
+    inpainting (latents + mask + masked-image latents in: ``2 * C + 1``) are the two it runs.
+
+    Depth (C + 1), pix2pix (2 * C) and the x4 upscaler (C + 3) have other inputs; they are named in
+    the error so that the user knows why.
+    """
+    latent = vae.latent_channels
+    if unet.out_channels == latent and unet.in_channels in (latent, 2 * latent + 1):
+        return
+    known = {latent + 1: "a depth-to-image model", 2 * latent: "an instruct-pix2pix model",
+             latent + 3: "an x4 upscaler"}
+    kind = known.get(unet.in_channels, "not a text-to-image or inpainting model")
+    raise CheckpointError(
+        f"{source}: the U-Net maps {unet.in_channels} to {unet.out_channels} channels with {latent}-channel "
+        f"latents ({kind}): only text-to-image and inpainting models are supported"
+    )

@@ -61,6 +61,7 @@ _CLIP_EMBEDDER = "FrozenCLIPEmbedder"
 _OPENCLIP_EMBEDDER = "FrozenOpenCLIPEmbedder"
 _TARGETS = {
     "model": "ldm.models.diffusion.ddpm.LatentDiffusion",
+    "inpainting model": "ldm.models.diffusion.ddpm.LatentInpaintDiffusion",
     "unet": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
     "vae": "ldm.models.autoencoder.AutoencoderKL",
     _CLIP_EMBEDDER: "ldm.modules.encoders.modules.FrozenCLIPEmbedder",
@@ -247,10 +248,11 @@ def _section(d: Any, key: str, source: str, where: str) -> dict[str, Any]:
     return value
 
 
-def _check_target(section: dict[str, Any], expected_class: str, source: str, where: str) -> str:
+def _check_target(section: dict[str, Any], expected_class: str | tuple[str, ...], source: str, where: str) -> str:
     target = str(section.get("target", ""))
-    if target.rsplit(".", 1)[-1] != expected_class:
-        raise ConfigError(f"{source}: {where}target is {target!r}; only {expected_class} is supported")
+    expected = (expected_class,) if isinstance(expected_class, str) else expected_class
+    if target.rsplit(".", 1)[-1] not in expected:
+        raise ConfigError(f"{source}: {where}target is {target!r}; only {' or '.join(expected)} is supported")
     return target
 
 
@@ -265,10 +267,14 @@ def config_from_compvis(
     checked, never imported.
     """
     model = _section(data, "model", source, "")
-    _check_target(model, "LatentDiffusion", source, "model.")
+    target = _check_target(model, ("LatentDiffusion", "LatentInpaintDiffusion"), source, "model.")
     params = model.get("params") or {}
-    if params.get("conditioning_key", "crossattn") != "crossattn":
-        raise ConfigError(f"{source}: conditioning_key {params['conditioning_key']!r} is not supported (crossattn)")
+    # Text-to-image models condition by cross-attention only; inpainting models ("hybrid") also
+    # concatenate the mask and the masked image's latents to the U-Net's input.
+    conditioning = "hybrid" if target.endswith("LatentInpaintDiffusion") else "crossattn"
+    if params.get("conditioning_key", "crossattn") != conditioning:
+        raise ConfigError(f"{source}: conditioning_key {params['conditioning_key']!r} is not supported by "
+                          f"{target.rsplit('.', 1)[-1]} (expected {conditioning})")
     unet_section = _section(params, "unet_config", source, "model.params.")
     _check_target(unet_section, "UNetModel", source, "model.params.unet_config.")
     vae_section = _section(params, "first_stage_config", source, "model.params.")
@@ -352,8 +358,9 @@ def compvis_yaml(config: PipelineConfig) -> dict[str, Any]:
     }  # fmt: skip
     if not vae.mid_attention:
         ddconfig["attn_type"] = "none"
+    inpainting = unet.in_channels == 2 * vae.latent_channels + 1
     return {"model": {
-        "target": _TARGETS["model"],
+        "target": _TARGETS["inpainting model" if inpainting else "model"],
         "params": {
             "linear_start": schedule.beta_start,
             "linear_end": schedule.beta_end,
@@ -365,7 +372,7 @@ def compvis_yaml(config: PipelineConfig) -> dict[str, Any]:
             "image_size": config.sampling.height // vae.downsample_factor,
             "channels": vae.latent_channels,
             "cond_stage_trainable": False,
-            "conditioning_key": "crossattn",
+            "conditioning_key": "hybrid" if inpainting else "crossattn",
             "scale_factor": vae.scaling_factor,
             "use_ema": False,
             "unet_config": {"target": _TARGETS["unet"], "params": {

@@ -101,6 +101,11 @@ def _reverse_lookup(ours_to_theirs: dict[str, str], theirs: str, key: str) -> st
     raise ValueError(f"unsupported {key} {theirs!r} (supported: {sorted(ours_to_theirs.values())})")
 
 
+# Pipelines whose folders hold the weights of one of the two U-Net kinds we run (text-to-image or
+# inpainting); img2img is a mode of ours over the same weights.
+PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")
+
+
 def load_diffusers_folder(folder: str | Path) -> tuple[PipelineConfig, dict[str, dict[str, torch.Tensor]]]:
     """Read a diffusers pipeline folder into our config and original-named state dicts.
 
@@ -109,10 +114,14 @@ def load_diffusers_folder(folder: str | Path) -> tuple[PipelineConfig, dict[str,
         the original single-file names without their component prefix.
     """
     folder = Path(folder)
-    _read_json(folder / "model_index.json")
+    pipeline_class = _read_json(folder / "model_index.json").get("_class_name", "StableDiffusionPipeline")
+    if pipeline_class not in PIPELINE_CLASSES:
+        raise CheckpointError(f"{folder} is a {pipeline_class} folder: only {', '.join(PIPELINE_CLASSES)} "
+                              "folders can be run here")
     unet_json = _read_json(folder / "unet" / "config.json")
     unet_config = unet_keymap.config_from_diffusers(unet_json)
     vae_config = vae_keymap.config_from_diffusers(_read_json(folder / "vae" / "config.json"))
+    checkpoints.check_unet_channels(unet_config, vae_config, str(folder))
     text_config = text_keymap.config_from_diffusers(_read_json(folder / "text_encoder" / "config.json"))
     tokenizer = ClipTokenizer.from_diffusers_folder(folder / "tokenizer")
     text_config = _with_tokenizer_settings(text_config, tokenizer)
@@ -172,8 +181,9 @@ def model_index(config: PipelineConfig) -> dict[str, Any]:
     """The folder's ``model_index.json``: the pipeline class and each component's library and class."""
     import diffusers
 
+    inpainting = config.unet.in_channels == 2 * config.vae.latent_channels + 1
     return {
-        "_class_name": "StableDiffusionPipeline",
+        "_class_name": "StableDiffusionInpaintPipeline" if inpainting else "StableDiffusionPipeline",
         "_diffusers_version": diffusers.__version__,
         "feature_extractor": [None, None],
         "requires_safety_checker": False,

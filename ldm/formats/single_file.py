@@ -148,7 +148,7 @@ def read_single_file(
     # The VAE architecture is read from the checkpoint's own VAE when it has one.
     for_inference = {**parts, "vae": parts["vae"] or vae_weights, "text_encoder": text_weights}
     resolved = _resolve_config(config, path, for_inference, prediction)
-    _check_latent_channels(resolved.unet, resolved.vae, source)
+    checkpoints.check_unet_channels(resolved.unet, resolved.vae, source)
 
     ema_unet, non_ema_unet = _unet_weight_sets(parts["unet"], other, resolved.unet, ema, source)
     used_ema = _use_ema(ema, ema_unet, non_ema_unet, source)
@@ -305,15 +305,6 @@ def _refuse_other_model_types(state: Mapping[str, Tensor], source: str) -> None:
     raise CheckpointError(
         f"{source} is not a Stable Diffusion 1.x/2.x checkpoint: no {UNET_PREFIX}* keys (found e.g. {keys[0]})"
     )
-
-
-def _check_latent_channels(unet: UNetConfig, vae: AutoencoderConfig, source: str) -> None:
-    if unet.in_channels != vae.latent_channels or unet.out_channels != vae.latent_channels:
-        raise CheckpointError(
-            f"{source}: the U-Net maps {unet.in_channels} to {unet.out_channels} channels but the VAE makes "
-            f"{vae.latent_channels}-channel latents (an inpainting / depth / pix2pix model?): "
-            "only text-to-image checkpoints are supported"
-        )
 
 
 def _with_prediction(config: PipelineConfig, prediction: str) -> PipelineConfig:
