@@ -85,14 +85,18 @@ class ImageCondition:
     """What the sampling core needs from an img2img or inpainting request.
 
     Attributes:
-        image: ``[1, 3, H, W]`` in [-1, 1], the starting image.
+        image: ``[1 or B, 3, H, W]`` in [-1, 1], the starting image (row ``i`` for batch row ``i``,
+            or one image for all rows).
         strength: fraction of the chain to run, in (0, 1]; 1 with a mask starts from pure noise.
         mask: ``[1, 1, H, W]`` 0/1 (1 = repaint) or ``None`` (img2img).
+        latents: ``[B, C, h, w]`` scaled latents to start from instead of encoding ``image``
+            (the hires fix's latent upscaler); no posterior sample is drawn then.
     """
 
-    image: torch.Tensor
+    image: torch.Tensor | None
     strength: float
     mask: torch.Tensor | None = None
+    latents: torch.Tensor | None = None
 
     @property
     def masked_image(self) -> torch.Tensor:
@@ -122,6 +126,21 @@ def check_mask(mask: Image.Image, image: Image.Image) -> None:
 
 
 # ---------------------------------------------------------------------------------------- AUTOMATIC1111 extras
+
+HIRES_UPSCALERS = ("latent", "lanczos")
+
+
+def upscale_latents(latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The hires fix's "Latent" upscaler: bilinear resize of ``[B, C, h, w]`` to ``[B, C, height, width]``
+    (AUTOMATIC1111's default latent mode)."""
+    return F.interpolate(latents, size=(height, width), mode="bilinear", antialias=False)
+
+
+def upscale_images(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The hires fix's image upscaler: ``[B, 3, h, w]`` in [0, 1] -> Lanczos-resized ``[B, 3, height, width]``
+    in [-1, 1] (via uint8, as an image file would carry it)."""
+    pixels = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    return torch.cat([image_to_tensor(Image.fromarray(row), width, height) for row in pixels])
 
 Box = tuple[int, int, int, int]  # (left, top, right, bottom) in pixels, right/bottom exclusive
 

@@ -32,8 +32,9 @@ from ldm.formats.single_file import read_single_file
 from ldm.config import PipelineConfig, SamplingDefaults, load_config, save_config
 from ldm.sampling.denoiser import DiscreteDenoiser, cfg_denoiser
 from ldm.errors import CheckpointError, ConfigError, ImageInputError
-from ldm.image_inputs import (ImageCondition, blur_mask, check_mask, default_size, image_to_tensor, latent_mask,
-                              mask_to_tensor, only_masked_region, paste_into, steps_to_skip)
+from ldm.image_inputs import (HIRES_UPSCALERS, ImageCondition, blur_mask, check_mask, default_size, image_to_tensor,
+                              latent_mask, mask_to_tensor, only_masked_region, paste_into, steps_to_skip,
+                              upscale_images, upscale_latents)
 from ldm.sampling.samplers import SAMPLERS, final_latents, initial_latents
 from ldm.sampling.schedule import NoiseSchedule
 from ldm.sampling.signal_leak import SignalLeak
@@ -269,6 +270,10 @@ class Txt2ImgPipeline:
         paste_back: bool = True,
         only_masked: bool = False,
         only_masked_padding: int = 32,
+        hires_scale: float | None = None,
+        hires_strength: float = 0.5,
+        hires_upscaler: str = "latent",
+        hires_steps: int | None = None,
         progress: ProgressFn | None = None,
         output_type: str = "pil",
         batch_invariant: bool = True,
@@ -305,6 +310,10 @@ class Txt2ImgPipeline:
                 (and to the generation size's aspect), resized to the generation size (``height`` x
                 ``width``, default the image's), then paste that back into the full image (always
                 pasted). AUTOMATIC1111's "Inpaint area: Only masked": small regions get full resolution.
+            hires_scale: AUTOMATIC1111's hires fix: generate at ``height`` x ``width``, upscale by this
+                factor (``hires_upscaler``: ``"latent"``, bilinear in latent space, or ``"lanczos"``,
+                decode - resize - encode), then img2img at ``hires_strength`` with ``hires_steps``
+                (default ``steps``) and the same seed. Text-to-image only.
             progress: optional ``progress(done, total)`` called after each step (``total`` counts
                 the steps of all images).
             batch_invariant: sample images one at a time so that results never depend on the batch
@@ -328,9 +337,12 @@ class Txt2ImgPipeline:
             region = only_masked_region(mask_image, only_masked_padding, options.width, options.height)
             image, mask_image, full_mask = image.crop(region), mask_image.crop(region), mask_image
         condition = self.image_condition(image, mask_image, strength, options)
+        hires = self.hires_options(hires_scale, hires_strength, hires_upscaler, hires_steps, options, condition)
         prompts, negatives = _expand_prompts(prompt, negative_prompt, num_images)
         seeds = [seed + i for i in range(len(prompts))]
         steps_run = options.steps - (steps_to_skip(options.steps, condition.strength) if condition else 0)
+        if hires is not None:
+            steps_run += hires.steps - steps_to_skip(hires.steps, hires_strength)
         total_steps = steps_run * len(prompts)
         # CPU kernels give slightly different float results for different batch sizes, so by
         # default each image is sampled alone: then image i is bitwise the one seed + i gives alone.
@@ -339,8 +351,13 @@ class Txt2ImgPipeline:
         for start in range(0, len(prompts), chunk):
             done_before = start * steps_run
             report = (lambda done, d=done_before: progress(d + done, total_steps)) if progress else None
-            z = self._generate(prompts[start:start + chunk], negatives[start:start + chunk],
-                               seeds[start:start + chunk], options, report, condition)
+            batch = (prompts[start:start + chunk], negatives[start:start + chunk], seeds[start:start + chunk])
+            z = self._generate(*batch, options, report, condition)
+            if hires is not None:
+                first_pass = options.steps
+                report = (lambda done, d=done_before: progress(d + first_pass + done, total_steps)) if progress else None
+                z = self._generate(*batch, hires, report, self.hires_condition(z, hires, hires_upscaler,
+                                                                              hires_strength, vae_tiling))
             images.append(self.decode(z, tiled=vae_tiling))
         images = torch.cat(images)
         if condition is None or condition.mask is None or not (paste_back or only_masked):
@@ -369,6 +386,33 @@ class Txt2ImgPipeline:
             return ImageCondition(tensor, strength)
         check_mask(mask_image, image)
         return ImageCondition(tensor, strength, mask_to_tensor(mask_image, options.width, options.height))
+
+    def hires_options(self, scale: float | None, strength: float, upscaler: str, steps: int | None, options,
+                      condition: ImageCondition | None) -> SamplingDefaults | None:
+        """The second pass's sampling options (size scaled, rounded down to the VAE's factor), or ``None``."""
+        if scale is None:
+            return None
+        if condition is not None:
+            raise ImageInputError("the hires fix is for text-to-image; img2img a larger image instead")
+        if scale <= 1:
+            raise ImageInputError(f"hires_scale must be > 1, got {scale:g}")
+        if upscaler not in HIRES_UPSCALERS:
+            raise ImageInputError(f"hires_upscaler must be one of {', '.join(HIRES_UPSCALERS)}, got {upscaler!r}")
+        multiple = max(8, self.vae.downsample_factor)
+        hires = replace(options, height=int(options.height * scale) // multiple * multiple,
+                        width=int(options.width * scale) // multiple * multiple, steps=steps or options.steps)
+        steps_to_skip(hires.steps, strength)  # validates strength
+        validate_sampling_options(hires, self.vae.downsample_factor)
+        return hires
+
+    def hires_condition(self, z: torch.Tensor, hires: SamplingDefaults, upscaler: str, strength: float,
+                        vae_tiling: bool | None) -> ImageCondition:
+        """First-pass latents ``z [B, C, h, w]`` -> the second pass's img2img start."""
+        f = self.vae.downsample_factor
+        if upscaler == "latent":
+            return ImageCondition(None, strength, latents=upscale_latents(z, hires.height // f, hires.width // f))
+        images = upscale_images(self.decode(z, tiled=vae_tiling), hires.height, hires.width)
+        return ImageCondition(images, strength)
 
     @property
     def is_inpainting_model(self) -> bool:
@@ -413,10 +457,13 @@ class Txt2ImgPipeline:
         ``put_back(i, x)`` (ordinary models with a mask) replaces the known region after step ``i``
         by the image's latents noised to ``sigmas[i + 1]`` (clean after the last step).
         """
-        image = condition.image.to(self.device, self.vae_dtype)
         inpainting_model = self.is_inpainting_model
-        encode_image = not (inpainting_model and condition.starts_from_noise)
-        image_latents = self.encode_rows(image, generators) if encode_image else None
+        if condition.latents is not None:
+            image_latents = condition.latents.to(self.device, torch.float32)
+        elif not (inpainting_model and condition.starts_from_noise):
+            image_latents = self.encode_rows(condition.image.to(self.device, self.vae_dtype), generators)
+        else:
+            image_latents = None
         noise = self.initial_noise(generators, options.height, options.width)
         if condition.starts_from_noise:
             x = self.starting_point_from_noise(noise, generators, sigmas, options)
@@ -450,9 +497,13 @@ class Txt2ImgPipeline:
     def vae_dtype(self) -> torch.dtype:
         return next(self.vae.parameters()).dtype
 
-    def encode_rows(self, image: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-        """``image [1, 3, H, W]`` -> one posterior sample per generator, ``[B, C, h, w]`` float32 (scaled)."""
-        rows = [self.vae.encode_latents(image, sample=True, generator=g) for g in generators]
+    def encode_rows(self, images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """``images [1 or B, 3, H, W]`` -> one posterior sample per generator, ``[B, C, h, w]`` float32 (scaled).
+
+        Row ``i`` encodes ``images[i]`` (or the one image) with ``generators[i]``, as diffusers does per generator.
+        """
+        rows = [self.vae.encode_latents(images[i:i + 1] if len(images) > 1 else images, sample=True, generator=g)
+                for i, g in enumerate(generators)]
         return torch.cat(rows).float()
 
     @torch.no_grad()

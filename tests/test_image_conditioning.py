@@ -269,3 +269,26 @@ def test_inpainting_folder_is_marked_for_diffusers_and_other_pipelines_are_refus
     (upscaler / "unet" / "config.json").write_text(json.dumps({**unet_config, "in_channels": 7}))
     with pytest.raises(CheckpointError, match="x4 upscaler"):
         Txt2ImgPipeline.from_pretrained(upscaler)
+
+
+def test_hires_fix_with_an_image_upscaler_is_txt2img_then_img2img_of_the_resized_image(sd_folder):
+    pipe, _ = sd_folder
+    options = dict(sampler="euler_ancestral", steps=4, seed=3, guidance_scale=5.0)
+    hires = pipe(PROMPT, hires_scale=2, hires_upscaler="lanczos", hires_strength=0.5, **options)[0]
+    base = pipe(PROMPT, **options)[0]
+    by_hand = pipe(PROMPT, image=base.resize((64, 64), Image.LANCZOS), strength=0.5, **options)[0]
+    assert hires.size == (64, 64)
+    assert np.array_equal(np.asarray(hires), np.asarray(by_hand))
+
+
+def test_hires_fix_in_latent_space_counts_both_passes(sd_folder):
+    pipe, _ = sd_folder
+    seen = []
+    images = pipe(PROMPT, hires_scale=1.5, hires_steps=6, hires_strength=0.5, steps=4, seed=1,
+                  progress=lambda done, total: seen.append((done, total)), output_type="pt")
+    assert images.shape == (1, 3, 48, 48)
+    assert seen[-1] == (4 + 3, 4 + 3) and [d for d, _ in seen] == list(range(1, 8))
+    with pytest.raises(ImageInputError, match="hires_scale must be > 1"):
+        pipe(PROMPT, hires_scale=1.0, steps=2)
+    with pytest.raises(ImageInputError, match="for text-to-image"):
+        pipe(PROMPT, image=make_image(), hires_scale=2.0, steps=2)

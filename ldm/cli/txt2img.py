@@ -82,6 +82,14 @@ def build_parser(mode: str = "txt2img") -> argparse.ArgumentParser:
     parser.add_argument("--no-signal-leak", dest="signal_leak", action="store_false", default=None,
                         help="start from pure noise even when the model has signal-leak statistics")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or info logs")
+    if mode == "txt2img":
+        parser.add_argument("--hires-scale", type=float, help="hires fix (AUTOMATIC1111): generate, upscale by "
+                            "this factor, then redraw at --hires-strength")
+        parser.add_argument("--hires-strength", type=float, default=0.5, help="hires fix: denoising strength of "
+                            "the second pass, in (0, 1] (default 0.5)")
+        parser.add_argument("--hires-upscaler", choices=("latent", "lanczos"), default="latent",
+                            help="hires fix: upscale the latents (bilinear) or the decoded image (Lanczos)")
+        parser.add_argument("--hires-steps", type=int, help="hires fix: steps of the second pass (default --steps)")
     if mode == "img2img":
         parser.add_argument("--init-img", type=Path, required=True, help="the image to start from")
         parser.add_argument("--strength", type=float, default=0.75,
@@ -119,6 +127,12 @@ def check_image_arguments(parser: argparse.ArgumentParser, args: argparse.Namesp
     """img2img / inpaint: read the images, check strength, padding, blur and --outpaint."""
     if not hasattr(args, "strength"):
         args.images = {}
+        if args.hires_scale is not None and args.hires_scale <= 1:
+            parser.error(f"--hires-scale must be > 1, got {args.hires_scale:g}")
+        if not 0 < args.hires_strength <= 1:
+            parser.error(f"--hires-strength must be in (0, 1], got {args.hires_strength:g}")
+        if args.hires_steps is not None and args.hires_steps < 1:
+            parser.error(f"--hires-steps must be at least 1, got {args.hires_steps}")
         return
     if not 0 < args.strength <= 1:
         parser.error(f"--strength must be in (0, 1], got {args.strength:g}")
@@ -240,7 +254,7 @@ def generate(args: argparse.Namespace, prompts: list[str]) -> int:
     if args.compile:
         pipe.compile()
     logging.getLogger("txt2img").info("running on %s in %s", device, precision.describe())
-    image_inputs, extra = image_arguments(args, pipe.vae.downsample_factor)
+    image_inputs, extra = image_arguments(args, pipe.vae.downsample_factor)  # images, or the hires fix
     if "image" in image_inputs and (args.height is None or args.width is None):
         default_width, default_height = default_size(image_inputs["image"], pipe.vae.downsample_factor)
         args.height, args.width = args.height or default_height, args.width or default_width
@@ -251,7 +265,8 @@ def generate(args: argparse.Namespace, prompts: list[str]) -> int:
     extra = {**extra, "Model": model_name}
     if args.lora:
         extra["LoRA"] = ", ".join(f"{path.stem}:{scale:g}" for path, scale in args.lora)
-    starts_from_noise = not image_inputs or (image_inputs.get("mask_image") is not None and args.strength == 1)
+    starts_from_noise = "image" not in image_inputs or (image_inputs.get("mask_image") is not None
+                                                         and args.strength == 1)
     if options.signal_leak is not None and starts_from_noise:
         extra["Signal leak"] = "on"
 
@@ -265,7 +280,7 @@ def generate(args: argparse.Namespace, prompts: list[str]) -> int:
                              guidance_scale=options.guidance_scale, sampler=options.sampler, seed=seed,
                              height=options.height, width=options.width, num_images=count, eta=options.eta,
                              karras=options.karras, signal_leak=options.signal_leak is not None,
-                             progress=lambda done, total: bar.update(done - bar.n),
+                             progress=lambda done, total: advance(bar, done, total),
                              batch_invariant=args.batch_size == 1, vae_tiling=args.vae_tiling, **image_inputs)
             for offset, image in enumerate(batch):
                 parameters = a1111_parameters(
@@ -281,10 +296,22 @@ def generate(args: argparse.Namespace, prompts: list[str]) -> int:
     return 0
 
 
+def advance(bar, done: int, total: int) -> None:
+    """Progress bar to ``done`` of ``total`` steps (img2img runs fewer steps than --steps, the hires fix more)."""
+    bar.total = total
+    bar.update(done - bar.n)
+
+
 def image_arguments(args: argparse.Namespace, multiple: int) -> tuple[dict, dict]:
     """The pipeline's image keywords for this mode, and the AUTOMATIC1111 PNG fields that record them."""
     if not args.images:
-        return {}, {}
+        if getattr(args, "hires_scale", None) is None:
+            return {}, {}
+        hires = {"hires_scale": args.hires_scale, "hires_strength": args.hires_strength,
+                 "hires_upscaler": args.hires_upscaler, "hires_steps": args.hires_steps}
+        extra = {"Denoising strength": f"{args.hires_strength:g}", "Hires upscale": f"{args.hires_scale:g}",
+                 "Hires steps": args.hires_steps, "Hires upscaler": args.hires_upscaler.capitalize()}
+        return hires, {key: value for key, value in extra.items() if value is not None}
     inputs, extra = dict(args.images), {"Denoising strength": f"{args.strength:g}"}
     inputs["strength"] = args.strength
     if "mask_image" not in inputs:
