@@ -213,7 +213,7 @@ def run_speed(args, contenders: list[Contender], reference: Txt2ImgPipeline) -> 
         with torch.no_grad():
             measure(contenders, key, lambda c: c.unet_forward(x, t, context), args.repeats)
         rows.append((key, None))
-    for size in args.sizes:
+    for size in args.sizes if args.image_sizes is None else args.image_sizes:
         latents = reference.diffusers_latents(seed=0, sampler="ddim", steps=args.steps, height=size, width=size)
 
         def generate(contender, size=size, latents=latents):
@@ -327,7 +327,9 @@ def print_memory_table(results: list[dict]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="image sides in pixels")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="image sides of the U-Net forwards")
+    parser.add_argument("--image-sizes", type=int, nargs="*", help="image sides of the whole generations "
+                        "(default: --sizes; none: U-Net only)")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps of a whole image")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (the median is reported)")
     parser.add_argument("--compile", action="store_true", help="compile ours fast with torch.compile")
@@ -351,21 +353,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"SD1.5 architecture, random weights, CPU, {torch.get_num_threads()} threads, native bf16: "
           f"{cpu_has_native_bf16()}, torch {torch.__version__}, diffusers {diffusers.__version__}")
     if not args.skip_speed:
-        torch.manual_seed(0)
-        reference = Txt2ImgPipeline.from_config(sd15_config())
-        perturb_zero_initialised([reference.unet, reference.vae])  # else the U-Net's output is all zeros
-        folder = Path(tempfile.mkdtemp(prefix="benchmark-sd15-"))
-        try:
-            reference.save_pretrained(folder, format="diffusers")
-            contenders = build_contenders(args, folder, reference)
-            check_agreement(contenders)
-            rows = run_speed(args, contenders, reference)
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-        print_speed_table(rows, contenders)
+        speed_section(args)  # returns before the memory section, so its pipelines are freed by then
     if not args.skip_memory:
         print_memory_table(run_memory())
     return 0
+
+
+def speed_section(args) -> None:
+    """Build the contenders on one random-weight SD1.5 folder, time them, print the table."""
+    torch.manual_seed(0)
+    reference = Txt2ImgPipeline.from_config(sd15_config())
+    perturb_zero_initialised([reference.unet, reference.vae])  # else the U-Net's output is all zeros
+    folder = Path(tempfile.mkdtemp(prefix="benchmark-sd15-"))
+    try:
+        reference.save_pretrained(folder, format="diffusers")
+        contenders = build_contenders(args, folder, reference)
+        check_agreement(contenders)
+        rows = run_speed(args, contenders, reference)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    print_speed_table(rows, contenders)
 
 
 def check_agreement(contenders: list[Contender]) -> None:

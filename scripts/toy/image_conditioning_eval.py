@@ -64,7 +64,7 @@ MASK_GROW = 2  # pixels added on every side of the object's bounding box
 FOREGROUND_DISTANCE = 60.0  # RGB distance from the background colour above which a pixel is the object's
 SKETCH_CENTER_RANGE = (0.3, 0.7)
 SKETCH_SIZE_RANGE = (0.45, 0.65)
-TRAIN_PAIRS = frozenset(pairs_for_split("train"))
+TRAIN_PAIRS = pairs_for_split("train")  # a tuple in a fixed order: random choices from it are reproducible
 PROMPT_FORM = "{a_colour} {object}"  # e.g. "an orange car"
 GRID_CASES = 4
 
