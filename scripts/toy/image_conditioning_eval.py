@@ -59,6 +59,7 @@ logger = logging.getLogger("image_conditioning_eval")
 
 IMG2IMG_STRENGTH = 0.5
 INPAINT_STRENGTH = 1.0
+EXPERIMENTS = ("img2img", "inpainting", "sketch")
 SKETCH_STRENGTH = 0.75  # the one in the table's main rows; --sketch-strengths may add others
 MASK_GROW = 2  # pixels added on every side of the object's bounding box
 FOREGROUND_DISTANCE = 60.0  # RGB distance from the background colour above which a pixel is the object's
@@ -283,15 +284,15 @@ class Report:
 class Generator:
     """The pipeline with this run's sampling options, one image per call, logging progress."""
 
-    def __init__(self, pipe: Txt2ImgPipeline, steps: int | None):
-        self.pipe, self.steps = pipe, steps
+    def __init__(self, pipe: Txt2ImgPipeline, steps: int | None, scale: float | None):
+        self.pipe, self.steps, self.scale = pipe, steps, scale
 
     def many(self, what: str, prompts: Sequence[str], seeds: Sequence[int],
              per_case: Callable[[int], dict] = lambda i: {}) -> list[Image.Image]:
         """One image per prompt; ``per_case(i)`` gives case ``i``'s extra pipeline arguments."""
         started, images = time.perf_counter(), []
         for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
-            images.extend(self.pipe(prompt, seed=seed, steps=self.steps, **per_case(i)))
+            images.extend(self.pipe(prompt, seed=seed, steps=self.steps, guidance_scale=self.scale, **per_case(i)))
             if (i + 1) % 8 == 0 or i + 1 == len(prompts):
                 logger.info("  %s: %d/%d (%.0f s)", what, i + 1, len(prompts), time.perf_counter() - started)
         return images
@@ -426,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0,
                         help="dataset seed and seed of case 0; case i samples with seed + i (default 0)")
     parser.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
+    parser.add_argument("--scale", type=float, help="guidance scale (default: the model's)")
+    parser.add_argument("--experiments", nargs="+", choices=EXPERIMENTS, default=list(EXPERIMENTS),
+                        help="which experiments to run (default: all)")
     parser.add_argument("--sketch-strengths", type=float, nargs="+", default=[SKETCH_STRENGTH],
                         help=f"img2img strengths from the sketches (default {SKETCH_STRENGTH}; e.g. 0.6 0.75 0.9)")
     parser.add_argument("--threads", type=int,
@@ -447,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     pipe, judge = Txt2ImgPipeline.from_pretrained(), Judge.load()
     image_size = pipe.config.sampling.height
-    gen, report = Generator(pipe, args.steps), Report()
+    gen, report = Generator(pipe, args.steps, args.scale), Report()
     seeds = [args.seed + i for i in range(args.n)]
     samples = ProceduralDataset(seed=args.seed, split="train", image_size=image_size).take(args.n)
     sketches = [sketch_case(case_rng("sketch", args.seed, i), image_size) for i in range(args.n)]
@@ -457,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
                       ("inpainting", lambda: inpainting_experiment(gen, judge, samples, seeds, args.seed,
                                                                    image_size, report)),
                       ("sketch", lambda: sketch_experiment(gen, judge, sketches, seeds, strengths, report))):
+        if name not in args.experiments:
+            continue
         logger.info("%s ...", name)
         t0 = time.perf_counter()
         run()
@@ -464,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.grid is not None:
         save_grid(report, args.grid)
-    options = pipe.sampling_options(steps=args.steps)
+    options = pipe.sampling_options(steps=args.steps, guidance_scale=args.scale)
     print(markdown_table(report.rows))
     print("\n".join(report.summaries))
     print(f"\nsampler {options.sampler}, {options.steps} steps, guidance {options.guidance_scale:g}; "
