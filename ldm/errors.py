@@ -19,3 +19,15 @@ class CheckpointError(LdmError):
 
 class ImageInputError(LdmError, ValueError):
     """An init image, mask or strength the pipeline cannot use (unreadable, empty mask, strength out of range)."""
+
+
+class ArgumentError(LdmError, ValueError):
+    """An argument of a public function has the wrong type or value (not a finite number, out of range)."""
+
+
+class DeviceError(LdmError, ValueError):
+    """A device name torch does not know, or a device this machine does not have (``cuda`` without a GPU)."""
+
+
+class OutputError(LdmError):
+    """An output folder or file that cannot be written (a file in the way, no permission, disk full)."""

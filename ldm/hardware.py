@@ -22,6 +22,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ldm.errors import DeviceError
+
 if TYPE_CHECKING:  # torch is imported where it is used: the commands read DTYPE_NAMES before torch loads
     import torch
 
@@ -76,17 +78,52 @@ def cpu_has_native_bf16() -> bool:
     return any(flag in cpu_flags() for flag in NATIVE_BF16_CPU_FLAGS)
 
 
-def pick_device(name: str = "auto") -> "torch.device":
-    """``auto`` -> cuda, then mps, then cpu; any other name as torch spells it."""
+def pick_device(name: "str | torch.device" = "auto", *, what: str = "device") -> "torch.device":
+    """``auto`` -> cuda, then mps, then cpu; any other name as torch spells it, checked by :func:`check_device`
+    (``what`` names the argument in its error, e.g. ``"--device"``)."""
     import torch
 
-    if name != "auto":
-        return torch.device(name)
+    if str(name) != "auto":
+        return check_device(name, what=what)
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def check_device(name: "str | torch.device", *, what: str = "device") -> "torch.device":
+    """The torch device ``name`` names, or :class:`DeviceError` (one line) when torch does not know the
+    name or this machine lacks the device (``cuda`` without a usable GPU, ``cuda:3`` on a 2-GPU machine,
+    ``mps`` off Apple silicon). ``what`` names the argument in the message. Devices of other kinds
+    (``meta``, ``xpu``, ...) are passed through unchecked."""
+    import torch
+
+    try:
+        device = name if isinstance(name, torch.device) else torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise DeviceError(f"{what} {str(name)!r} is not a device name (expected cpu, cuda, cuda:N or mps)") from None
+    problem = _device_problem(device)
+    if problem:
+        raise DeviceError(f"{what} {str(name)!r} is not available: {problem}")
+    return device
+
+
+def _device_problem(device: "torch.device") -> str | None:
+    """Why ``device`` cannot be used here, or ``None`` (unknown kinds: ``None``, torch will tell)."""
+    import torch
+
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "torch finds no CUDA GPU on this machine (torch.cuda.is_available() is False)"
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            return f"this machine has {count} CUDA GPU{'s' if count != 1 else ''} (cuda:0 to cuda:{count - 1})"
+    if device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            return "torch finds no Apple GPU (torch.backends.mps.is_available() is False)"
+    return None
 
 
 def pick_precision(name: str, device: "torch.device", *, native_bf16: bool | None = None) -> Precision:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import numbers
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -31,7 +32,8 @@ from ldm.formats.diffusers_folder import load_diffusers_folder, save_diffusers_f
 from ldm.formats.single_file import read_single_file
 from ldm.config import PipelineConfig, SamplingDefaults, load_config, save_config
 from ldm.sampling.denoiser import DiscreteDenoiser, cfg_denoiser
-from ldm.errors import CheckpointError, ConfigError, ImageInputError
+from ldm.errors import ArgumentError, CheckpointError, ConfigError, ImageInputError
+from ldm.hardware import check_device
 from ldm.image_inputs import (HIRES_UPSCALERS, ImageCondition, blur_mask, check_mask, default_size, image_to_tensor,
                               latent_mask, mask_to_tensor, only_masked_region, paste_into, steps_to_skip,
                               upscale_images, upscale_latents)
@@ -39,6 +41,7 @@ from ldm.sampling.samplers import SAMPLERS, final_latents, initial_latents
 from ldm.sampling.schedule import NoiseSchedule
 from ldm.sampling.signal_leak import SignalLeak
 from ldm.models.builder import build_components, fill_derived_buffers
+from ldm.models.prompt_encoding import chunk_count, encode_prompts
 from ldm.models.unet import UNetModel
 
 logger = logging.getLogger(__name__)
@@ -49,6 +52,8 @@ NATIVE_WEIGHTS = "model.safetensors"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 AUTO_TILING_PIXELS = 1024 * 1024  # decode in tiles above this image area (memory, not quality)
+MAX_IMAGES_PER_CALL = 10_000  # a sanity limit on num_images (and prompt lists): beyond it, a typo
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes [0, 2**64) (it wraps negative seeds around)
 ProgressFn = Callable[[int, int], None]  # (steps done, total steps)
 
 
@@ -106,7 +111,9 @@ class Txt2ImgPipeline:
             device, dtype: where and in which precision to run.
         Raises:
             CheckpointError: the path is missing, not a model, corrupt, or cannot be downloaded.
+            DeviceError / ArgumentError: ``device`` is unknown or absent here, ``dtype`` is no torch dtype.
         """
+        _check_placement(device, dtype)
         if path is not None and Path(path).expanduser().is_file():
             return cls.from_single_file(Path(path).expanduser(), device=device, dtype=dtype)
         folder = _resolve_model_path(path)
@@ -147,7 +154,9 @@ class Txt2ImgPipeline:
             device, dtype: where and in which precision to run.
         Raises:
             CheckpointError / ConfigError: one-line messages (see :mod:`ldm.formats.single_file`).
+            DeviceError / ArgumentError: ``device`` is unknown or absent here, ``dtype`` is no torch dtype.
         """
+        _check_placement(device, dtype)
         checkpoint = read_single_file(path, config, prediction=prediction, vae=vae, ema=ema)
         pipe = cls._from_parts(checkpoint.config, checkpoint.parts, source=str(path))
         return pipe.to(device, dtype)
@@ -217,7 +226,9 @@ class Txt2ImgPipeline:
 
         ``memory_format=torch.channels_last`` stores the U-Net's and the VAE's convolution weights
         and feeds their inputs channels-last (faster for bfloat16 on CPUs, see :mod:`ldm.hardware`).
+        Raises :class:`~ldm.errors.DeviceError` for a device this machine lacks (``cuda`` without a GPU).
         """
+        _check_placement(device, dtype)
         for name in checkpoints.COMPONENT_PREFIXES:
             getattr(self, name).to(device=device, dtype=dtype)
         if memory_format is not None:
@@ -242,10 +253,11 @@ class Txt2ImgPipeline:
     # ------------------------------------------------------------------ generation
 
     @torch.no_grad()
-    def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Prompts -> cross-attention context ``[B, L, D]`` in the U-Net's dtype."""
-        token_ids = self.text_encoder.tokenizer(list(prompts)).to(self.device)
-        return self.text_encoder(token_ids).to(self.dtype)
+    def encode_prompt(self, prompts: Sequence[str], *, min_chunks: int = 1) -> torch.Tensor:
+        """Prompts in AUTOMATIC1111's language -> cross-attention context ``[B, chunks * L, D]`` in the
+        U-Net's dtype (:mod:`ldm.models.prompt_encoding`: weights, BREAK, 75-token chunks; a plain
+        prompt of at most ``L - 2`` tokens gives exactly the text encoder's ``[B, L, D]``)."""
+        return encode_prompts(self.text_encoder, list(prompts), min_chunks=min_chunks).to(self.dtype)
 
     @torch.no_grad()
     def __call__(
@@ -322,7 +334,16 @@ class Txt2ImgPipeline:
             output_type: ``"pil"`` (list of images) or ``"pt"`` (tensor ``[B, 3, H, W]`` in [0, 1]).
             vae_tiling: decode in overlapping tiles (bounded memory, see :meth:`decode`); ``None``:
                 when the image has more than :data:`AUTO_TILING_PIXELS` pixels.
+
+        Raises:
+            ArgumentError / ConfigError / ImageInputError (all ``ValueError``): an argument of the wrong
+            type or out of range (a prompt that is not text, a seed outside [0, 2**64), a NaN scale).
         """
+        _check_call_arguments(prompt, negative_prompt, seed, num_images,
+                              integers={"steps": steps, "height": height, "width": width, "hires_steps": hires_steps,
+                                        "only_masked_padding": only_masked_padding},
+                              reals={"strength": strength, "mask_blur": mask_blur, "hires_scale": hires_scale,
+                                     "hires_strength": hires_strength})
         original_image, region = image, None
         if image is not None and (height is None or width is None):
             default_width, default_height = default_size(image, self.vae.downsample_factor)
@@ -423,8 +444,11 @@ class Txt2ImgPipeline:
                   progress: Callable[[int], None] | None, condition: ImageCondition | None = None) -> torch.Tensor:
         """Algorithm 2 for one batch: final latents ``z [B, C, h, w]`` (float32, diffusers' scale)."""
         # Classifier-free guidance (Ho & Salimans 2022): one batched U-Net call on [uncond, cond].
-        context = self.encode_prompt(prompts)
-        uncond_context = self.encode_prompt(negatives) if options.guidance_scale != 1 else None
+        # Prompt and negative prompt padded to the same number of chunks, as AUTOMATIC1111 does.
+        guided = options.guidance_scale != 1
+        chunks = max(chunk_count(self.text_encoder.tokenizer, p) for p in prompts + (negatives if guided else []))
+        context = self.encode_prompt(prompts, min_chunks=chunks)
+        uncond_context = self.encode_prompt(negatives, min_chunks=chunks) if guided else None
         spec = SAMPLERS[options.sampler]
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         sigmas = self.schedule.sampling_sigmas(options.steps, sampler=options.sampler, karras=options.karras)
@@ -550,6 +574,8 @@ class Txt2ImgPipeline:
         starting point (signal leak included) divided by that same factor, ``[num_images, C, h, w]``.
         ``options`` are :meth:`sampling_options` keywords (``sampler``, ``steps``, ``height``, ...).
         """
+        _check_integer("num_images", num_images, 1, MAX_IMAGES_PER_CALL)
+        _check_seed(seed, num_images)
         options = self.sampling_options(**options)
         sigmas = self.schedule.sampling_sigmas(options.steps, sampler=options.sampler, karras=options.karras)
         generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(num_images)]
@@ -593,8 +619,80 @@ def validate_sampling_options(options, downsample_factor: int = 8) -> None:
         value = getattr(options, name)
         if value < downsample_factor or value % 8 or value % downsample_factor:
             raise ConfigError(f"{name} must be a positive multiple of {max(8, downsample_factor)}, got {value}")
+    for name in ("guidance_scale", "eta"):
+        value = getattr(options, name)
+        if not _is_finite_number(value):
+            raise ConfigError(f"{name} must be a finite number, got {value!r}")
     if options.eta < 0:
         raise ConfigError(f"eta must be >= 0, got {options.eta}")
+
+
+def _is_finite_number(value) -> bool:
+    """A real number (not a bool) that is neither NaN nor infinite."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_finite(name: str, value) -> None:
+    """:class:`ArgumentError` naming ``name`` unless ``value`` is a finite real number."""
+    if not _is_finite_number(value):
+        raise ArgumentError(f"{name} must be a finite number, got {value!r}")
+
+
+def _check_integer(name: str, value, minimum: int | None = None, maximum: int | None = None) -> None:
+    """:class:`ArgumentError` naming ``name`` unless ``value`` is an integer (not a bool) in [minimum, maximum]."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise ArgumentError(f"{name} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ArgumentError(f"{name} must be at least {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ArgumentError(f"{name} must be at most {maximum}, got {value}")
+
+
+def _check_prompt(name: str, prompt) -> int | None:
+    """:class:`ArgumentError` unless ``prompt`` is a string or a non-empty list of strings; the list's length."""
+    if isinstance(prompt, str):
+        return None
+    if not isinstance(prompt, Sequence) or not all(isinstance(item, str) for item in prompt):
+        raise ArgumentError(f"{name} must be a string or a list of strings, got {_describe(prompt)}")
+    if not 1 <= len(prompt) <= MAX_IMAGES_PER_CALL:
+        raise ArgumentError(f"{name} must hold 1 to {MAX_IMAGES_PER_CALL} strings, got {len(prompt)}")
+    return len(prompt)
+
+
+def _describe(value) -> str:
+    """A short description of a wrong-typed value for error messages: its repr, cut to one short line."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}... ({type(value).__name__})"
+
+
+def _check_seed(seed, count: int) -> None:
+    """:class:`ArgumentError` unless ``seed`` .. ``seed + count - 1`` are all seeds torch takes."""
+    _check_integer("seed", seed, 0, MAX_SEED)
+    if seed + count - 1 > MAX_SEED:
+        raise ArgumentError(f"seed {seed} with {count} images needs seeds up to {seed + count - 1}, "
+                            f"past the largest, 2**64 - 1")
+
+
+def _check_call_arguments(prompt, negative_prompt, seed, num_images, *, integers: dict, reals: dict) -> None:
+    """The type and range checks of :meth:`Txt2ImgPipeline.__call__` (``None`` values: the defaults)."""
+    count = _check_prompt("prompt", prompt)
+    _check_prompt("negative_prompt", negative_prompt)
+    _check_integer("num_images", num_images, 1, MAX_IMAGES_PER_CALL)
+    _check_seed(seed, count if count is not None else num_images)
+    for name, value in integers.items():
+        if value is not None:
+            _check_integer(name, value)
+    for name, value in reals.items():
+        if value is not None:
+            _check_finite(name, value)
+
+
+def _check_placement(device, dtype) -> None:
+    """:class:`~ldm.errors.DeviceError` for a device this machine lacks; :class:`ArgumentError` for a non-dtype."""
+    if device is not None:
+        check_device(device)
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise ArgumentError(f"dtype must be a torch.dtype such as torch.float16, got {dtype!r}")
 
 
 def _expand_prompts(prompt, negative_prompt, num_images: int) -> tuple[list[str], list[str]]:

@@ -142,10 +142,11 @@ def test_corrupt_model_is_one_line_and_exit_code_2(tmp_path, model_dir):
     assert not (tmp_path / "out").exists()
 
 
-def test_help_mentions_the_77_token_limit():
+def test_help_explains_the_prompt_language_and_chunks():
     result = run_cli("--help")
     assert result.returncode == 0
-    assert "77 tokens" in result.stdout and "truncated" in result.stdout
+    text = " ".join(result.stdout.split())  # argparse wraps lines
+    assert "77 tokens" in text and "chunks of 75 tokens" in text and "BREAK" in text
 
 
 def test_lora_flag_applies_the_adapter_with_its_scale(tmp_path, model_dir):

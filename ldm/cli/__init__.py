@@ -14,6 +14,7 @@ answer at once). This module holds the shared argparse plumbing and loads nothin
 from __future__ import annotations
 
 import argparse
+import math
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -21,3 +22,14 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # noqa: D401 - argparse API
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def finite_float(text: str) -> float:
+    """argparse ``type=`` for float options: a finite number (``nan`` and ``inf`` are refused by name)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value

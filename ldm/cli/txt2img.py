@@ -7,19 +7,24 @@
     python scripts/inpaint.py "a green ball" --image photo.png --mask mask.png --mask-blur 4 --only-masked
     python scripts/inpaint.py "a sunny field" --image photo.png --outpaint 0,128,0,0
 
-Writes numbered PNGs into --outdir (never overwriting a file), each carrying its generation
-parameters in the AUTOMATIC1111 "parameters" text chunk, and prints their paths.
+Writes numbered PNGs into --outdir (never overwriting a file, never leaving a half-written one
+under a numbered name), each carrying its generation parameters in the AUTOMATIC1111 "parameters"
+text chunk, and prints their paths. Bad values (NaN or infinite numbers, seeds outside [0, 2**64),
+an --outdir that cannot be written, a device this machine lacks, ...) are refused in one line with
+exit code 2 before the model loads.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
+import os
+import secrets
 import sys
 from pathlib import Path
 
-
-from ldm.cli import OneLineErrorParser
+from ldm.cli import OneLineErrorParser, finite_float
 from ldm.hardware import DTYPE_NAMES
 from ldm.sampling.registry import SAMPLER_NAMES
 
@@ -29,15 +34,19 @@ MODES = {
     "img2img": "Redraw an image after a text prompt (SDEdit: noise it part way, then denoise with the prompt).",
     "inpaint": "Repaint the white part of a mask (or a new border: --outpaint) after a text prompt.",
 }
+MAX_SAMPLES = 10_000  # --n-samples above this is a typo, not a plan (each image is kept for the grid)
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes seeds in [0, 2**64)
+RANDOM_SEED = -1  # AUTOMATIC1111's "random seed": one is drawn, used and recorded like a given one
 
 
 def build_parser(mode: str = "txt2img") -> argparse.ArgumentParser:
     parser = OneLineErrorParser(
         prog=f"{mode}.py",
         description=MODES[mode],
-        epilog="Prompts are encoded with the CLIP tokenizer, which reads at most 77 tokens for Stable "
-        "Diffusion (75 words or word pieces; 32 tokens for the small default model): longer prompts "
-        "are truncated with a warning.",
+        epilog="Prompts are read as AUTOMATIC1111 reads them: (word) or (word:1.3) weighs words up, [word] down, "
+        "\\( \\) are literal brackets, BREAK starts a new chunk. The CLIP text encoder reads 77 tokens at a "
+        "time (75 words or word pieces; 32 tokens for the small default model): longer prompts are "
+        "encoded in chunks of 75 tokens and joined.",
     )
     parser.add_argument("prompt", nargs="?", help="what to draw (or use --from-file)")
     parser.add_argument("--negative-prompt", default="", help="what to steer away from")
@@ -50,13 +59,15 @@ def build_parser(mode: str = "txt2img") -> argparse.ArgumentParser:
                         help="single-file --model: the U-Net predicts noise (eps) or velocity (v: SD 2.x 768-v)")
     parser.add_argument("--vae", type=Path, help="single-file --model: use this VAE file instead of the checkpoint's")
     parser.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
-    parser.add_argument("--scale", type=float, help="classifier-free guidance scale (default: the model's)")
+    parser.add_argument("--scale", type=finite_float, help="classifier-free guidance scale (default: the model's)")
     parser.add_argument("--sampler", choices=SAMPLER_NAMES, help="sampler (default: the model's)")
     parser.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None,
                         help="use Karras et al. (2022) sigmas (default: the model's)")
-    parser.add_argument("--eta", type=float, help="DDIM eta: 0 deterministic, 1 ancestral (default 0)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed+k")
-    parser.add_argument("--n-samples", type=int, default=1, help="images per prompt")
+    parser.add_argument("--eta", type=finite_float, help="DDIM eta: 0 deterministic, 1 ancestral (default 0)")
+    parser.add_argument("--seed", type=seed_argument, default=0,
+                        help=f"seed of the first image, 0 to 2**64-1; image k uses seed+k. {RANDOM_SEED}: a random "
+                        "seed, recorded in the file names and PNG parameters like a given one")
+    parser.add_argument("--n-samples", type=int, default=1, help=f"images per prompt (at most {MAX_SAMPLES})")
     parser.add_argument("--batch-size", type=int, default=1,
                         help="images sampled together as one batch (faster on a GPU). 1 (default): each image "
                         "is bitwise the one its seed gives alone; larger batches agree with that to within "
@@ -83,23 +94,23 @@ def build_parser(mode: str = "txt2img") -> argparse.ArgumentParser:
                         help="start from pure noise even when the model has signal-leak statistics")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or info logs")
     if mode == "txt2img":
-        parser.add_argument("--hires-scale", type=float, help="hires fix (AUTOMATIC1111): generate, upscale by "
+        parser.add_argument("--hires-scale", type=finite_float, help="hires fix (AUTOMATIC1111): generate, upscale by "
                             "this factor, then redraw at --hires-strength")
-        parser.add_argument("--hires-strength", type=float, default=0.5, help="hires fix: denoising strength of "
+        parser.add_argument("--hires-strength", type=finite_float, default=0.5, help="hires fix: denoising strength of "
                             "the second pass, in (0, 1] (default 0.5)")
         parser.add_argument("--hires-upscaler", choices=("latent", "lanczos"), default="latent",
                             help="hires fix: upscale the latents (bilinear) or the decoded image (Lanczos)")
         parser.add_argument("--hires-steps", type=int, help="hires fix: steps of the second pass (default --steps)")
     if mode == "img2img":
         parser.add_argument("--init-img", type=Path, required=True, help="the image to start from")
-        parser.add_argument("--strength", type=float, default=0.75,
+        parser.add_argument("--strength", type=finite_float, default=0.75,
                             help="how much to change, in (0, 1]: runs about steps x strength steps (default 0.75)")
     if mode == "inpaint":
         parser.add_argument("--image", type=Path, required=True, help="the image to repaint")
         parser.add_argument("--mask", type=Path, help="white = repaint, black = keep (required unless --outpaint)")
-        parser.add_argument("--strength", type=float, default=1.0,
+        parser.add_argument("--strength", type=finite_float, default=1.0,
                             help="1 (default) repaints from pure noise; lower keeps more of the masked region")
-        parser.add_argument("--mask-blur", type=float, default=4, help="blur (pixels) of the mask's edge when "
+        parser.add_argument("--mask-blur", type=finite_float, default=4, help="blur (pixels) of the mask's edge when "
                             "pasting the result over the image (default 4)")
         parser.add_argument("--only-masked", action="store_true",
                             help="work on the masked region at full resolution, then paste it back")
@@ -107,6 +118,18 @@ def build_parser(mode: str = "txt2img") -> argparse.ArgumentParser:
         parser.add_argument("--outpaint", metavar="LEFT,RIGHT,TOP,BOTTOM",
                             help="extend the canvas by these pixels and paint the new border")
     return parser
+
+
+def seed_argument(text: str) -> int:
+    """argparse ``type=`` for ``--seed``: an integer torch can seed with, or -1 for a random seed."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value != RANDOM_SEED and not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**64 - 1] (or {RANDOM_SEED} for a random seed), "
+                                         f"got {text}")
+    return value
 
 
 def open_image(parser: argparse.ArgumentParser, flag: str, path: Path):
@@ -169,6 +192,8 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     for flag, value in (("--n-samples", args.n_samples), ("--batch-size", args.batch_size)):
         if value < 1:
             parser.error(f"{flag} must be at least 1, got {value}")
+    if args.n_samples > MAX_SAMPLES:
+        parser.error(f"--n-samples must be at most {MAX_SAMPLES}, got {args.n_samples}")
     if args.eta is not None and args.eta < 0:
         parser.error(f"--eta must be >= 0, got {args.eta}")
     single_file_options = [flag for flag, value in (("--config", args.config), ("--prediction", args.prediction),
@@ -177,20 +202,70 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error(f"{', '.join(single_file_options)} apply to a single-file checkpoint (--model FILE)")
     args.lora = [parse_lora(parser, spec) for spec in args.lora]
     check_image_arguments(parser, args)
-    if args.from_file is not None:
-        if args.prompt is not None:
-            parser.error("give a prompt or --from-file, not both")
-        try:
-            lines = args.from_file.read_text(encoding="utf-8").splitlines()
-        except OSError as error:
-            parser.error(f"cannot read --from-file {args.from_file}: {error.strerror or error}")
-        prompts = [line.strip() for line in lines if line.strip()]
-        if not prompts:
-            parser.error(f"--from-file {args.from_file} holds no prompts")
-        return prompts
-    if args.prompt is None:
-        parser.error("a prompt is required (or --from-file)")
-    return [args.prompt]
+    check_outdir(parser, args.outdir)
+    check_text(parser, "--negative-prompt", args.negative_prompt)
+    prompts = read_prompts(parser, args)
+    check_seeds(parser, args, len(prompts) * args.n_samples)
+    return prompts
+
+
+def read_prompts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """The prompt, or the non-empty lines of --from-file (UTF-8 text)."""
+    if args.from_file is None:
+        if args.prompt is None:
+            parser.error("a prompt is required (or --from-file)")
+        check_text(parser, "the prompt", args.prompt)
+        return [args.prompt]
+    if args.prompt is not None:
+        parser.error("give a prompt or --from-file, not both")
+    try:
+        lines = args.from_file.read_text(encoding="utf-8").splitlines()
+    except OSError as error:
+        parser.error(f"cannot read --from-file {args.from_file}: {error.strerror or error}")
+    except UnicodeDecodeError as error:
+        parser.error(f"--from-file {args.from_file} is not UTF-8 text: byte 0x{error.object[error.start]:02x} "
+                     f"at offset {error.start}")
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        parser.error(f"--from-file {args.from_file} holds no prompts")
+    return prompts
+
+
+def check_text(parser: argparse.ArgumentParser, what: str, text: str) -> None:
+    """Refuse text that cannot be written as UTF-8: bytes of another encoding in the command line
+    arrive as lone surrogates (``\\udcff``), which the PNG parameters could not hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        parser.error(f"{what} is not valid UTF-8 text (is the terminal's encoding UTF-8?): {ascii(text)}")
+
+
+def check_seeds(parser: argparse.ArgumentParser, args: argparse.Namespace, images: int) -> None:
+    """Draw the --seed -1 random seed; refuse a run whose last image's seed (seed + images - 1) is past 2**64 - 1."""
+    args.random_seed = args.seed == RANDOM_SEED
+    if args.random_seed:
+        args.seed = secrets.randbelow(2**32)  # AUTOMATIC1111 draws 32-bit seeds too
+    last = args.seed + images - 1
+    if last > MAX_SEED:
+        parser.error(f"--seed {args.seed} with {images} images needs seeds up to {last}, past the largest, 2**64 - 1")
+
+
+def check_outdir(parser: argparse.ArgumentParser, outdir: Path) -> None:
+    """Refuse an --outdir that is a file, lies under a file, or sits in a folder this user cannot write to.
+
+    Nothing is created here (a failed model load leaves no folder behind); writing can still fail
+    later (a full disk), which :func:`save_png` reports in one line.
+    """
+    if outdir.exists():
+        if not outdir.is_dir():
+            parser.error(f"--outdir {outdir} is a file, not a folder")
+        existing = outdir
+    else:
+        existing = next((parent for parent in outdir.absolute().parents if parent.exists()), Path("/"))
+        if not existing.is_dir():
+            parser.error(f"--outdir {outdir} cannot be created: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        parser.error(f"--outdir {outdir} is not writable ({existing}: permission denied or read-only)")
 
 
 def parse_lora(parser: argparse.ArgumentParser, spec: str) -> tuple[Path, float]:
@@ -202,6 +277,8 @@ def parse_lora(parser: argparse.ArgumentParser, spec: str) -> tuple[Path, float]
             path, scale = head, float(tail)
         except ValueError:
             path = spec
+    if not math.isfinite(scale):
+        parser.error(f"--lora {spec}: the scale must be a finite number, got {tail!r}")
     if not Path(path).is_file():
         parser.error(f"--lora file not found: {path}")
     return Path(path), scale
@@ -233,10 +310,12 @@ def generate(args: argparse.Namespace, prompts: list[str]) -> int:
 
     from ldm.hardware import pick_device, pick_precision
     from ldm.image_inputs import default_size
-    from ldm.images import a1111_parameters, make_grid, save_new_png
+    from ldm.images import a1111_parameters, make_grid
     from ldm.pipeline import Txt2ImgPipeline
 
-    device = pick_device(args.device)
+    device = pick_device(args.device, what="--device")
+    if args.random_seed:
+        logging.getLogger("txt2img").info("--seed %d: random seed %d", RANDOM_SEED, args.seed)
     precision = pick_precision(args.dtype, device)
     dtype = precision.dtype
     if args.model is not None and Path(args.model).expanduser().is_file():
@@ -288,12 +367,23 @@ def generate(args: argparse.Namespace, prompts: list[str]) -> int:
                     guidance_scale=options.guidance_scale, seed=seed + offset, width=options.width,
                     height=options.height, karras=options.karras, extra=extra,
                 )
-                print(save_new_png(image, args.outdir, str(seed + offset), parameters), flush=True)
+                print(save_png(image, args.outdir, str(seed + offset), parameters), flush=True)
             images.extend(batch)
             seed += count
     if args.grid and len(images) > 1:
-        print(save_new_png(make_grid(images), args.outdir, "grid"), flush=True)
+        print(save_png(make_grid(images), args.outdir, "grid"), flush=True)
     return 0
+
+
+def save_png(image, outdir: Path, stem_suffix: str, parameters: str | None = None) -> Path:
+    """:func:`ldm.images.save_new_png`, with a failed write (disk full, a file in the way) as one line."""
+    from ldm.errors import OutputError
+    from ldm.images import save_new_png
+
+    try:
+        return save_new_png(image, outdir, stem_suffix, parameters)
+    except OSError as error:
+        raise OutputError(f"cannot write into --outdir {outdir}: {error.strerror or error}") from None
 
 
 def advance(bar, done: int, total: int) -> None:
