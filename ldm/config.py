@@ -34,6 +34,7 @@ class SamplingDefaults:
     sampler: str = "dpmpp_2m"
     karras: bool = False
     eta: float = 0.0
+    clip_skip: int = 1  # AUTOMATIC1111's "Clip skip": 1 = the text encoder's own layer, 2 = one block earlier
     # Statistics of the training latents for signal-leak sampling (ldm.sampling.signal_leak.SignalLeak as a
     # dict: mean, covariance, count); None: start from pure noise, as diffusers does.
     signal_leak: dict[str, Any] | None = None

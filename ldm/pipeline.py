@@ -253,11 +253,12 @@ class Txt2ImgPipeline:
     # ------------------------------------------------------------------ generation
 
     @torch.no_grad()
-    def encode_prompt(self, prompts: Sequence[str], *, min_chunks: int = 1) -> torch.Tensor:
+    def encode_prompt(self, prompts: Sequence[str], *, min_chunks: int = 1, clip_skip: int = 1) -> torch.Tensor:
         """Prompts in AUTOMATIC1111's language -> cross-attention context ``[B, chunks * L, D]`` in the
         U-Net's dtype (:mod:`ldm.models.prompt_encoding`: weights, BREAK, 75-token chunks; a plain
         prompt of at most ``L - 2`` tokens gives exactly the text encoder's ``[B, L, D]``)."""
-        return encode_prompts(self.text_encoder, list(prompts), min_chunks=min_chunks).to(self.dtype)
+        return encode_prompts(self.text_encoder, list(prompts), min_chunks=min_chunks,
+                              clip_skip=clip_skip).to(self.dtype)
 
     @torch.no_grad()
     def __call__(
@@ -275,6 +276,7 @@ class Txt2ImgPipeline:
         eta: float | None = None,
         karras: bool | None = None,
         signal_leak: bool | None = None,
+        clip_skip: int | None = None,
         image: Image.Image | None = None,
         strength: float | None = None,
         mask_image: Image.Image | None = None,
@@ -305,6 +307,8 @@ class Txt2ImgPipeline:
                 (:mod:`ldm.sampling.signal_leak`; the same generator, after the noise). ``None``: when the
                 model has them. diffusers has no such option: :meth:`diffusers_latents` gives the
                 ``latents=`` that make its StableDiffusionPipeline draw the same image.
+            clip_skip: AUTOMATIC1111's "Clip skip": 1 (default) = the text encoder's own output layer,
+                2 = one block earlier (SD1 models trained that way), ...
             image: img2img (SDEdit): encode this image, noise it to the level ``strength`` selects
                 and run the rest of the chain (about ``steps * strength`` steps), as diffusers'
                 StableDiffusionImg2ImgPipeline does, generator use included (posterior sample, then noise).
@@ -349,7 +353,8 @@ class Txt2ImgPipeline:
             default_width, default_height = default_size(image, self.vae.downsample_factor)
             height, width = height or default_height, width or default_width
         options = self.sampling_options(steps=steps, guidance_scale=guidance_scale, sampler=sampler,
-                                        height=height, width=width, eta=eta, karras=karras, signal_leak=signal_leak)
+                                        height=height, width=width, eta=eta, karras=karras, signal_leak=signal_leak,
+                                        clip_skip=clip_skip)
         if only_masked:
             if mask_image is None:
                 raise ImageInputError("only_masked needs a mask_image")
@@ -447,8 +452,8 @@ class Txt2ImgPipeline:
         # Prompt and negative prompt padded to the same number of chunks, as AUTOMATIC1111 does.
         guided = options.guidance_scale != 1
         chunks = max(chunk_count(self.text_encoder.tokenizer, p) for p in prompts + (negatives if guided else []))
-        context = self.encode_prompt(prompts, min_chunks=chunks)
-        uncond_context = self.encode_prompt(negatives, min_chunks=chunks) if guided else None
+        context = self.encode_prompt(prompts, min_chunks=chunks, clip_skip=options.clip_skip)
+        uncond_context = self.encode_prompt(negatives, min_chunks=chunks, clip_skip=options.clip_skip) if guided else None
         spec = SAMPLERS[options.sampler]
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         sigmas = self.schedule.sampling_sigmas(options.steps, sampler=options.sampler, karras=options.karras)
@@ -625,6 +630,8 @@ def validate_sampling_options(options, downsample_factor: int = 8) -> None:
             raise ConfigError(f"{name} must be a finite number, got {value!r}")
     if options.eta < 0:
         raise ConfigError(f"eta must be >= 0, got {options.eta}")
+    if not isinstance(options.clip_skip, int) or isinstance(options.clip_skip, bool) or options.clip_skip < 1:
+        raise ConfigError(f"clip_skip must be an integer >= 1, got {options.clip_skip!r}")
 
 
 def _is_finite_number(value) -> bool:

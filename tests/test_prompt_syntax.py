@@ -104,3 +104,33 @@ def test_the_end_of_a_150_token_prompt_changes_the_image():
     rain = pipe(words(145) + " in the rain", **options)
     snow = pipe(words(145) + " in the snow", **options)
     assert not torch.equal(rain, snow)
+
+
+def test_clip_skip_2_equals_diffusers_with_the_penultimate_clip_layer(tmp_path):
+    """AUTOMATIC1111's "Clip skip 2" is diffusers' ``clip_skip=1``: the penultimate CLIP block, then the final
+    LayerNorm. (diffusers' own ``clip_skip`` reaches for ``text_model``, which transformers 5 removed, so the
+    embeddings are built here with transformers the way diffusers builds them and handed over.)"""
+    import diffusers
+
+    pipe = tiny_pipeline(seed=5)
+    pipe.save_pretrained(tmp_path / "sd", format="diffusers")
+    ours = pipe("a red bicycle", "blurry", sampler="euler", steps=3, guidance_scale=5.0, seed=2, clip_skip=2,
+                output_type="pt")
+    theirs = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / "sd", local_files_only=True)
+    theirs.set_progress_bar_config(disable=True)
+
+    def penultimate(text):
+        ids = theirs.tokenizer(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        hidden = theirs.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+        text_model = getattr(theirs.text_encoder, "text_model", theirs.text_encoder)
+        return text_model.final_layer_norm(hidden)
+
+    with torch.no_grad():
+        images = theirs(prompt_embeds=penultimate("a red bicycle"), negative_prompt_embeds=penultimate("blurry"),
+                        num_inference_steps=3, guidance_scale=5.0, height=32, width=32,
+                        generator=torch.Generator().manual_seed(2), output_type="pt").images
+    assert (ours - images).abs().max().item() < 1e-4
+    assert not torch.equal(ours, pipe("a red bicycle", "blurry", sampler="euler", steps=3, guidance_scale=5.0,
+                                      seed=2, output_type="pt"))
+    with pytest.raises(ValueError, match="clip_skip"):
+        pipe("x", clip_skip=0, steps=1)

@@ -64,6 +64,8 @@ def build_parser(mode: str = "txt2img") -> argparse.ArgumentParser:
     parser.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None,
                         help="use Karras et al. (2022) sigmas (default: the model's)")
     parser.add_argument("--eta", type=finite_float, help="DDIM eta: 0 deterministic, 1 ancestral (default 0)")
+    parser.add_argument("--clip-skip", type=int, help="AUTOMATIC1111's Clip skip: 1 = the text encoder's own "
+                        "layer, 2 = one block earlier (default: the model's, usually 1)")
     parser.add_argument("--seed", type=seed_argument, default=0,
                         help=f"seed of the first image, 0 to 2**64-1; image k uses seed+k. {RANDOM_SEED}: a random "
                         "seed, recorded in the file names and PNG parameters like a given one")
@@ -196,6 +198,8 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error(f"--n-samples must be at most {MAX_SAMPLES}, got {args.n_samples}")
     if args.eta is not None and args.eta < 0:
         parser.error(f"--eta must be >= 0, got {args.eta}")
+    if args.clip_skip is not None and args.clip_skip < 1:
+        parser.error(f"--clip-skip must be at least 1, got {args.clip_skip}")
     single_file_options = [flag for flag, value in (("--config", args.config), ("--prediction", args.prediction),
                                                     ("--vae", args.vae)) if value is not None]
     if single_file_options and (args.model is None or Path(args.model).expanduser().is_dir()):
@@ -339,11 +343,13 @@ def generate(args: argparse.Namespace, prompts: list[str]) -> int:
         args.height, args.width = args.height or default_height, args.width or default_width
     options = pipe.sampling_options(steps=args.steps, guidance_scale=args.scale, sampler=args.sampler,
                                     height=args.height, width=args.width, eta=args.eta, karras=args.karras,
-                                    signal_leak=args.signal_leak)
+                                    signal_leak=args.signal_leak, clip_skip=args.clip_skip)
     model_name = Path(args.model).name if args.model else "default"
     extra = {**extra, "Model": model_name}
     if args.lora:
         extra["LoRA"] = ", ".join(f"{path.stem}:{scale:g}" for path, scale in args.lora)
+    if options.clip_skip != 1:
+        extra["Clip skip"] = options.clip_skip  # AUTOMATIC1111 writes it only when it is not 1
     starts_from_noise = "image" not in image_inputs or (image_inputs.get("mask_image") is not None
                                                          and args.strength == 1)
     if options.signal_leak is not None and starts_from_noise:
@@ -359,7 +365,7 @@ def generate(args: argparse.Namespace, prompts: list[str]) -> int:
                              guidance_scale=options.guidance_scale, sampler=options.sampler, seed=seed,
                              height=options.height, width=options.width, num_images=count, eta=options.eta,
                              karras=options.karras, signal_leak=options.signal_leak is not None,
-                             progress=lambda done, total: advance(bar, done, total),
+                             clip_skip=options.clip_skip, progress=lambda done, total: advance(bar, done, total),
                              batch_invariant=args.batch_size == 1, vae_tiling=args.vae_tiling, **image_inputs)
             for offset, image in enumerate(batch):
                 parameters = a1111_parameters(

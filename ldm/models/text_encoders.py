@@ -225,13 +225,14 @@ class CLIPTextEncoder(_TextEncoderBase):
         positions = torch.arange(self.config.max_length, device=device).expand((1, -1))
         embeddings.register_buffer("position_ids", positions, persistent=False)
 
-    def forward(self, input_ids: Tensor) -> Tensor:
-        """``input_ids [B, L]`` -> ``context [B, L, width]``."""
-        if self.config.layer == "last":
+    def forward(self, input_ids: Tensor, clip_skip: int = 1) -> Tensor:
+        """``input_ids [B, L]`` -> ``context [B, L, width]`` (``clip_skip``: see :func:`blocks_used`)."""
+        blocks = blocks_used(self.config, clip_skip)
+        if blocks == self.config.layers:
             return self.hf_model(input_ids=input_ids).last_hidden_state
-        # hidden_states = (embeddings, block 1, ..., block N); [-2] is the penultimate block.
+        # hidden_states = (embeddings, block 1, ..., block N): entry k is block k's output.
         hidden_states = self.hf_model(input_ids=input_ids, output_hidden_states=True).hidden_states
-        return self._final_layer_norm()(hidden_states[-2])
+        return self._final_layer_norm()(hidden_states[blocks])
 
 
 def _drop_position_ids(module, state_dict, prefix, *args, **kwargs) -> None:
@@ -356,9 +357,24 @@ class OpenCLIPTextEncoder(_TextEncoderBase):
         super().__init__(config)
         self.model = OpenCLIPTextTower(config)
 
-    def forward(self, input_ids: Tensor) -> Tensor:
-        """``input_ids [B, L]`` -> ``context [B, L, width]``."""
-        return self.model(input_ids, num_blocks=self.config.num_layers_used)
+    def forward(self, input_ids: Tensor, clip_skip: int = 1) -> Tensor:
+        """``input_ids [B, L]`` -> ``context [B, L, width]`` (``clip_skip``: see :func:`blocks_used`)."""
+        return self.model(input_ids, num_blocks=blocks_used(self.config, clip_skip))
+
+
+def blocks_used(config: TextEncoderConfig, clip_skip: int = 1) -> int:
+    """How many transformer blocks run before the final LayerNorm, for AUTOMATIC1111's "Clip skip".
+
+    ``clip_skip=1`` is the model's own choice (the last block for SD1, the penultimate for SD2);
+    each step up drops one more block from the end (``clip_skip=2`` on SD1 = the penultimate block,
+    as the web UI and NovelAI-style anime models use it).
+    """
+    if not isinstance(clip_skip, int) or isinstance(clip_skip, bool) or clip_skip < 1:
+        raise ValueError(f"clip_skip must be an integer >= 1, got {clip_skip!r}")
+    blocks = config.num_layers_used - (clip_skip - 1)
+    if blocks < 1:
+        raise ValueError(f"clip_skip {clip_skip} would skip every block of this {config.layers}-block text encoder")
+    return blocks
 
 
 def build_text_encoder(config: TextEncoderConfig) -> CLIPTextEncoder | OpenCLIPTextEncoder:
