@@ -60,6 +60,20 @@ def tiny_pipeline(seed: int = 0, **kwargs):
     return pipe
 
 
+def write_random_lora(pipe, path) -> None:
+    """Give ``pipe``'s U-Net a rank-2 LoRA with non-zero (seeded) up-projections and save it to ``path``."""
+    import torch
+
+    from ldm.formats.lora import add_lora, save_lora
+
+    add_lora(pipe.unet, rank=2)
+    with torch.no_grad():
+        for name, parameter in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    save_lora(path, unet=pipe.unet)
+
+
 @pytest.fixture
 def pipe():
     return tiny_pipeline()

@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import tiny_pipeline
+from tests.conftest import tiny_pipeline, write_random_lora
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
@@ -43,20 +43,12 @@ def pipe(model_dir):
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, pipe):
     """An image, a mask, a LoRA file with non-zero weights, a non-UTF-8 prompt file and a plain file."""
-    from ldm.formats.lora import add_lora, save_lora
-
     folder = tmp_path_factory.mktemp("bad-input-files")
     Image.radial_gradient("L").resize((32, 32)).convert("RGB").save(folder / "image.png")
     mask = Image.new("L", (32, 32), 0)
     mask.paste(255, (0, 0, 16, 16))
     mask.save(folder / "mask.png")
-    lora_pipe = tiny_pipeline(seed=7)
-    add_lora(lora_pipe.unet, rank=2)
-    with torch.no_grad():
-        for name, parameter in lora_pipe.unet.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
-    save_lora(folder / "style.safetensors", unet=lora_pipe.unet)
+    write_random_lora(tiny_pipeline(seed=7), folder / "style.safetensors")
     (folder / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
     (folder / "a-file").write_text("not a folder")
     return folder

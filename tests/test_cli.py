@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import tiny_pipeline
+from tests.conftest import tiny_pipeline, write_random_lora
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "txt2img.py"
@@ -151,16 +150,9 @@ def test_help_explains_the_prompt_language_and_chunks():
 
 def test_lora_flag_applies_the_adapter_with_its_scale(tmp_path, model_dir):
     from ldm.images import read_a1111_parameters
-    from ldm.formats.lora import add_lora, save_lora
     from ldm.pipeline import Txt2ImgPipeline
 
-    pipe = Txt2ImgPipeline.from_pretrained(model_dir)
-    add_lora(pipe.unet, rank=2)
-    with torch.no_grad():
-        for name, parameter in pipe.unet.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
-    save_lora(tmp_path / "style.safetensors", unet=pipe.unet)
+    write_random_lora(Txt2ImgPipeline.from_pretrained(model_dir), tmp_path / "style.safetensors")
 
     script = load_script()
     common = ["a red star", "--model", str(model_dir), "--steps", "2", "--seed", "4", "--quiet"]
