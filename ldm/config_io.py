@@ -2,8 +2,9 @@
 
 The one place where config text becomes Python values. ``read_yaml`` turns a missing file or
 invalid YAML into a one-line :class:`ConfigError`; ``strict_from_dict`` refuses unknown keys, so a
-typo never falls back to a default, and for a section of a YAML file names the offending dotted key
-and coerces YAML's values to the fields' types (``1e-4`` -> float, lists -> tuples). This module is
+typo never falls back to a default, and wrongly typed values (``steps: abc``, ``lr: .nan``), naming
+the offending dotted key and the expected type, and coerces YAML's values to the fields' types
+(``1e-4`` -> float, lists -> tuples). This module is
 a leaf: it imports nothing else of the package but the error class, so every subpackage (and
 ``autoencoder``) may use it.
 """
@@ -11,6 +12,7 @@ a leaf: it imports nothing else of the package but the error class, so every sub
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any, Iterable, Mapping, TypeVar
 
@@ -22,17 +24,20 @@ T = TypeVar("T")
 
 
 def strict_from_dict(cls: type[T], values: Mapping[str, Any], *, source: str | None = None, key: str = "") -> T:
-    """``cls(**values)`` for a config dataclass ``cls``, refusing unknown keys.
+    """``cls(**values)`` for a config dataclass ``cls``, refusing unknown keys and wrongly typed values.
 
-    Without ``source`` (a config class's own ``from_dict``): an unknown key is a ``ValueError``
-    listing the unknown and the known keys; values are passed on as given.
+    Every value is checked against its field's annotation and converted where YAML leaves no doubt
+    (see :func:`coerce_value`): ``1e-4`` (YAML 1.1 reads it as a string) -> float, an integral float
+    -> int, a list -> tuple. NaN and infinity are refused for every float field.
+
+    Without ``source`` (a config class's own ``from_dict``): an unknown key or a wrongly typed value
+    is a ``ValueError`` naming the key (``model_channels must be an integer, got 'abc'``).
 
     With ``source`` (a section of a config file; ``key`` is its dotted path, e.g. ``training.lora``,
-    ``""`` for the top level): a non-mapping or an unknown key is a :class:`ConfigError` naming the
-    dotted key (``run.yaml: unknown key 'training.lora.rnak'``), and YAML's values are coerced to the
-    fields' types: a string for a float field becomes a float (YAML 1.1 reads ``1e-4`` as a string;
-    ``'{source}: {key}.{name} must be a number, got ...'`` when it is none), a list for a tuple field
-    a tuple. A ``ValueError`` of ``cls`` itself becomes ``ConfigError('{source}: {key}: ...')``.
+    ``""`` for the top level): a non-mapping, an unknown key or a wrongly typed value is a
+    :class:`ConfigError` naming the dotted key (``run.yaml: unknown key 'training.lora.rnak'``,
+    ``run.yaml: training.steps must be an integer, got 'abc'``), and a ``ValueError`` of ``cls``
+    itself becomes ``ConfigError('{source}: {key}: ...')``.
     """
     fields = {f.name: f for f in dataclasses.fields(cls)}
     if source is None:
@@ -40,16 +45,31 @@ def strict_from_dict(cls: type[T], values: Mapping[str, Any], *, source: str | N
         if unknown:
             raise ValueError(f"unknown {cls.__name__} key(s): {', '.join(unknown)} "
                              f"(known: {', '.join(sorted(fields))})")
-        return cls(**dict(values))
+        return cls(**{name: coerce_value(value, str(fields[name].type), name) for name, value in values.items()})
     check_keys(values, fields, source=source, key=key)
-    coerced = {name: _coerce(value, str(fields[name].type), source, _dotted(key, name))
-               for name, value in values.items()}
+    try:
+        coerced = {name: coerce_value(value, str(fields[name].type), _dotted(key, name))
+                   for name, value in values.items()}
+    except ValueError as error:
+        raise ConfigError(f"{source}: {error}") from None
     try:
         return cls(**coerced)
     except ConfigError:
         raise
     except ValueError as error:
         raise ConfigError(f"{source}: {key or 'top level'}: {error}") from None
+
+
+def check_types(cls: type, values: Mapping[str, Any], *, source: str, key: str = "") -> None:
+    """Check a partial section (some of ``cls``'s fields, merged into a full config later) now:
+    unknown keys and wrongly typed values are a :class:`ConfigError` naming the dotted key."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    check_keys(values, fields, source=source, key=key)
+    try:
+        for name, value in values.items():
+            coerce_value(value, str(fields[name].type), _dotted(key, name))
+    except ValueError as error:
+        raise ConfigError(f"{source}: {error}") from None
 
 
 def check_keys(values: Any, known: Iterable[str], *, source: str, key: str = "") -> None:
@@ -62,16 +82,82 @@ def check_keys(values: Any, known: Iterable[str], *, source: str, key: str = "")
         raise ConfigError(f"{source}: unknown key '{_dotted(key, unknown[0])}'")
 
 
-def _coerce(value: Any, field_type: str, source: str, path: str) -> Any:
-    """YAML value -> the field's type: str -> float for float fields, list -> tuple for tuple fields."""
-    if isinstance(value, str) and "float" in field_type:
+_NOT_CONVERTED = object()  # _convert's answer for a value that does not have the asked type
+_EXPECTED = {"int": "an integer", "float": "a finite number", "str": "a string", "bool": "true or false",
+             "dict": "a mapping"}
+_ELEMENTS = {"int": "integers", "float": "finite numbers", "str": "strings"}
+_CHECKED = ("int", "float", "str", "bool", "tuple", "dict", "None")
+
+
+def coerce_value(value: Any, annotation: str, path: str) -> Any:
+    """``value`` as the type of a dataclass field annotated ``annotation`` (the annotation's text, e.g.
+    ``"float | None"``, ``"tuple[int, ...]"``).
+
+    Accepted: ``None`` when the annotation allows it; int for int (an integral float, e.g. ``1e4``, is
+    converted); int, float or a numeric string for float (finite only); str for str (a YAML number
+    becomes its text); bool for bool; a list or tuple of such for ``tuple[X, ...]`` (-> tuple); a mapping
+    for dict. Other annotations (``Literal``, nested config classes) are left to the class to check.
+
+    Raises:
+        ValueError: ``'{path} must be {expected}, got {value!r}'``.
+    """
+    options = [option.strip() for option in annotation.split("|")]  # no nested unions in config classes
+    if value is None and "None" in options:
+        return None
+    for option in options:
+        converted = _convert(value, option)
+        if converted is not _NOT_CONVERTED:
+            return converted
+    expected = " or ".join(_expected(option) for option in options)
+    raise ValueError(f"{path} must be {expected}, got {value!r}")
+
+
+def _convert(value: Any, option: str) -> Any:
+    """``value`` as the one type ``option`` (``"int"``, ``"tuple[str, ...]"``, ...), or ``_NOT_CONVERTED``."""
+    base, _, rest = option.partition("[")
+    if base not in _CHECKED:
+        return value  # Literal[...], a nested config class, Any: the class checks its own values
+    if value is None or isinstance(value, bool) != (base == "bool"):
+        return _NOT_CONVERTED  # true/false is neither a number nor text, and a number is not true/false
+    if base == "bool":
+        return value
+    if base == "int":
+        integral = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        return int(value) if integral else _NOT_CONVERTED
+    if base == "float":
+        return _finite_float(value)
+    if base == "str":
+        return value if isinstance(value, str) else str(value) if isinstance(value, (int, float)) else _NOT_CONVERTED
+    if base == "tuple":
+        if not isinstance(value, (list, tuple)):
+            return _NOT_CONVERTED
+        items = [_convert(item, rest.partition(",")[0]) for item in value]
+        return _NOT_CONVERTED if any(item is _NOT_CONVERTED for item in items) else tuple(items)
+    if base == "dict":
+        return value if isinstance(value, Mapping) else _NOT_CONVERTED
+    return _NOT_CONVERTED  # "None": a value that is not None
+
+
+def _finite_float(value: Any) -> Any:
+    """An int, float or numeric string as a finite float, else ``_NOT_CONVERTED`` (NaN and inf too)."""
+    if isinstance(value, str):
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
-            raise ConfigError(f"{source}: {path} must be a number, got {value!r}") from None
-    if isinstance(value, list) and "tuple" in field_type:
-        return tuple(value)
-    return value
+            return _NOT_CONVERTED
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return _NOT_CONVERTED
+    return float(value)
+
+
+def _expected(option: str) -> str:
+    """What an annotation option asks for, in words: ``"tuple[int, ...]"`` -> ``"a list of integers"``."""
+    base, _, rest = option.partition("[")
+    if option == "None":
+        return "null"
+    if base == "tuple":
+        return f"a list of {_ELEMENTS.get(rest.partition(',')[0], 'values')}"
+    return _EXPECTED.get(base, option)
 
 
 def _dotted(key: str, name: Any) -> str:

@@ -92,7 +92,7 @@ def test_overrides_are_dotted_yaml_values_and_unknown_keys_are_named(workspace):
     assert [g["lr_scale"] for g in groups] == [1.0, 5e-4 / config.training.lr] and len(groups[1]["params"]) == 2
     with pytest.raises(ConfigError, match="key=value"):
         apply_overrides({}, ["training.lr"])
-    with pytest.raises(ConfigError, match="model: unet: .*model_chanels"):
+    with pytest.raises(ConfigError, match="unknown key 'model.unet.model_chanels'"):
         parse_run_config({"model": {"unet": {"model_chanels": 4}}, "vae": "runs/vae"})
     with pytest.raises(ConfigError, match="data.kind"):
         parse_run_config({"model": {"init": "x"}, "data": {"kind": "webdataset"}})
@@ -233,7 +233,7 @@ def test_resume_restores_data_position_optimizer_and_rng(workspace):
     path = write_config(workspace, "resume", data={"random_flip": True, "crop": "random", "bucketing": True})
     config = read_run_config(path)
     train(config, workspace / "straight", progress=False)
-    train(config, workspace / "interrupted", progress=False)
+    train(config, workspace / "interrupted", progress=False, overwrite=True)  # the same output as "straight"
     state = torch.load(workspace / "interrupted" / "checkpoints" / "step-0000003" / "state.pt", weights_only=True)
     assert state["data"]["batches_done"] == 3 and state["step"] == 3
     shutil.rmtree(workspace / "interrupted" / "checkpoints" / "step-0000006")  # as if killed after step 3

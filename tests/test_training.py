@@ -170,7 +170,7 @@ def test_sigkill_and_resume_reaches_the_same_weights_as_an_uninterrupted_run(tin
     interrupted = tmp_path / "interrupted"
     kills = 0
     for _ in range(8):
-        process = run_train(config, interrupted)
+        process = run_train(config, interrupted, "--overwrite")  # the output of the straight run
         deadline = time.time() + 120
         before = {s for s, _ in run_state.list_checkpoints(interrupted)}
         while time.time() < deadline and process.poll() is None:
@@ -186,7 +186,7 @@ def test_sigkill_and_resume_reaches_the_same_weights_as_an_uninterrupted_run(tin
             assert (folder / "weights.safetensors").is_file() and (folder / "state.pt").is_file()
         if process.returncode == 0:
             break
-    final = run_train(config, interrupted)
+    final = run_train(config, interrupted, "--overwrite")
     assert final.wait(timeout=300) == 0, final.stderr.read()
     assert kills >= 5
     assert run_state.list_checkpoints(interrupted)[-1][0] == 12

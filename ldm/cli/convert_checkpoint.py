@@ -18,6 +18,11 @@ EMA weights: when an original file holds both U-Nets, ``--to original`` keeps bo
 training one (to resume training). ``--to native`` / ``--to diffusers`` hold one U-Net: the EMA one
 unless ``--no-ema``. Weights are written in float32 unless ``--fp16``.
 
+An existing output (a file, or a folder that is not empty) is only replaced with ``--overwrite``;
+an existing CompVis YAML beside an original output is kept unless ``--overwrite``. Outputs are
+written under a temporary name beside them and renamed when complete; temporaries that a killed
+conversion left are removed when the same output is written again.
+
 Errors a user can fix print one line and exit with status 2.
 """
 
@@ -50,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, help="single-file input: CompVis YAML or this package's config.yaml")
     parser.add_argument("--prediction", choices=("eps", "v"), help="single-file input: eps or v prediction")
     parser.add_argument("--vae", type=Path, help="single-file input: replace its VAE with this file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file or folder")
     parser.add_argument("--quiet", action="store_true", help="no info logs")
     return parser
 
@@ -68,6 +74,13 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error(f"--to original writes a .safetensors file, got {args.output}")
     if args.to != "original" and args.output.suffix in (".safetensors", ".ckpt"):
         parser.error(f"--to {args.to} writes a folder, got the file name {args.output}")
+    if not args.overwrite and _occupied(args.output):
+        parser.error(f"output {args.output} exists: pass --overwrite to replace it")
+
+
+def _occupied(path: Path) -> bool:
+    """Whether writing ``path`` would replace something: a file, or a folder with anything in it."""
+    return path.is_file() or path.is_symlink() or (path.is_dir() and any(path.iterdir()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,6 +107,10 @@ def ema_choice(args: argparse.Namespace) -> bool | str:
 def convert(args: argparse.Namespace) -> None:
     import torch
 
+    from ldm.formats.checkpoints import remove_stale_temporaries
+
+    for leftover in remove_stale_temporaries(args.output):
+        logging.getLogger(__name__).info("removed %s, left by a conversion that was killed", leftover.name)
     dtype = torch.float16 if args.fp16 else torch.float32
     if args.input.is_file() and args.to == "original":
         convert_single_file_to_single_file(args, dtype)
@@ -103,7 +120,7 @@ def convert(args: argparse.Namespace) -> None:
         from ldm.formats.single_file_write import save_single_file
 
         written = save_single_file(pipe, args.output, dtype=dtype)
-        write_yaml_beside(written, args.output)
+        write_yaml_beside(written, args.output, overwrite=args.overwrite)
     else:
         pipe.save_pretrained(args.output, format=args.to, dtype=dtype)
     logging.getLogger(__name__).info("wrote %s", args.output)
@@ -136,17 +153,22 @@ def convert_single_file_to_single_file(args: argparse.Namespace, dtype) -> None:
     written = single_file_write.write_single_file(
         args.output, checkpoint.config, parts, ema_unet=ema_unet,
         ema_buffers=checkpoint.ema_buffers if keep_both else None, dtype=dtype)
-    write_yaml_beside(written, args.output)
+    write_yaml_beside(written, args.output, overwrite=args.overwrite)
     logging.getLogger(__name__).info("wrote %s%s", args.output, " (EMA and non-EMA U-Nets)" if keep_both else "")
 
 
-def write_yaml_beside(config, output: Path) -> None:
-    """A CompVis YAML next to the file, for tools that need one; skipped when no YAML can describe the model."""
+def write_yaml_beside(config, output: Path, *, overwrite: bool = False) -> None:
+    """A CompVis YAML next to the file, for tools that need one; skipped when no YAML can describe the model,
+    and (with a warning) when a YAML is already there, unless ``overwrite``."""
     from ldm.errors import ConfigError
     from ldm.formats.compvis import save_compvis_yaml
 
+    path = output.with_suffix(".yaml")
+    if path.exists() and not overwrite:
+        logging.getLogger(__name__).warning("kept the existing %s (pass --overwrite to replace it)", path)
+        return
     try:
-        save_compvis_yaml(config, output.with_suffix(".yaml"))
+        save_compvis_yaml(config, path)
     except ConfigError as error:
         logging.getLogger(__name__).info("no CompVis YAML written beside %s (%s)", output.name, error)
 

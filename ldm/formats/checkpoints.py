@@ -21,9 +21,13 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
+import shutil
 import tempfile
+import zipfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -70,6 +74,17 @@ def _load_safetensors(path: Path, device: str) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"corrupt or truncated safetensors file {path}: {_first_line(error)}") from None
 
 
+def safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a safetensors file; ``{}`` when it has none or is missing or unreadable."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return {}
+
+
 def _load_weights_only_pickle(path: Path, device: str) -> dict[str, torch.Tensor]:
     try:
         data = _torch_load_weights_only(path, device)
@@ -90,19 +105,35 @@ def _load_weights_only_pickle(path: Path, device: str) -> dict[str, torch.Tensor
 
 
 def _torch_load_weights_only(path: Path, device: str):
-    """``torch.load(weights_only=True)``, memory-mapped when the file is a zip archive (no private copy)."""
+    """``torch.load(weights_only=True)``, memory-mapped when the file is a zip archive of uncompressed
+    records (no private copy). torch's memory-mapped reader takes each record's bytes as stored, so a
+    deflate-compressed archive (re-zipped by some tool) is read without ``mmap``: torch inflates it then."""
+    return torch.load(str(path), map_location=device, weights_only=True, mmap=_is_plain_zip(path))
+
+
+def _is_plain_zip(path: Path) -> bool:
+    """Whether ``path`` is a zip archive (``torch.save``'s format) whose records are all stored uncompressed.
+
+    ``False`` for a legacy (non-zip) pickle, a deflated archive and an archive too broken for
+    :mod:`zipfile` (``torch.load`` then reports it).
+
+    Raises:
+        CheckpointError: records compressed with another method than deflate (torch cannot read them).
+    """
     try:
-        return torch.load(str(path), map_location=device, weights_only=True, mmap=True)
-    except RuntimeError as error:
-        if "mmap" not in str(error):
-            raise
-        return torch.load(str(path), map_location=device, weights_only=True)  # legacy (non-zip) pickle
+        with zipfile.ZipFile(path) as archive:
+            methods = {info.compress_type for info in archive.infolist()}
+    except (zipfile.BadZipFile, OSError):
+        return False
+    unreadable = sorted(methods - {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED})
+    if unreadable:
+        raise CheckpointError(f"cannot read {path}: its zip records are compressed with method {unreadable[0]} "
+                              "(PyTorch reads only stored or deflated records); re-save it with torch.save")
+    return methods <= {zipfile.ZIP_STORED}
 
 
 def _unsafe_reason(error: BaseException) -> str:
     """The callable a weights-only refusal names, e.g. ``GLOBAL posix.system``."""
-    import re
-
     match = re.search(r"GLOBAL \S+", str(error))
     return match.group(0) if match else _first_line(error)
 
@@ -115,20 +146,33 @@ def _first_line(error: BaseException) -> str:
 def save_safetensors_atomic(
     tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str] | None = None
 ) -> None:
-    """Write ``tensors`` to ``path`` so that a crash never leaves a half-written file.
-
-    The file is written beside its destination, flushed to disk, then renamed over it
-    (``os.replace`` is atomic on POSIX and Windows).
-    """
+    """Write ``tensors`` to ``path`` so that a crash never leaves a half-written file (see :func:`atomic_file`)."""
     from safetensors.torch import save_file
 
+    contiguous = {name: t.detach().contiguous() for name, t in tensors.items()}
+    with atomic_file(path) as temporary:
+        save_file(contiguous, str(temporary), metadata=dict(metadata) if metadata else None)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write UTF-8 ``text`` to ``path`` atomically (see :func:`atomic_file`)."""
+    with atomic_file(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+
+
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary file name beside ``path``; on a clean exit the file written there is flushed
+    to disk and renamed over ``path`` (``os.replace`` is atomic on POSIX and Windows), on an error it is
+    removed. Temporaries that a killed process left for ``path`` are removed first
+    (:func:`remove_stale_temporaries`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    contiguous = {name: t.detach().contiguous() for name, t in tensors.items()}
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temporaries(path)
+    handle, temp_name = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
-        save_file(contiguous, temp_name, metadata=dict(metadata) if metadata else None)
+        yield Path(temp_name)
         with open(temp_name, "rb") as written:
             os.fsync(written.fileno())
         os.chmod(temp_name, 0o666 & ~_umask())  # mkstemp makes files private; use the usual permissions
@@ -136,6 +180,58 @@ def save_safetensors_atomic(
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
         raise
+
+
+def _temporary_prefix(path: Path) -> str:
+    """Hidden temporaries beside ``path`` carry the writer's process id: ``.NAME.PID-random.tmp`` (``.old``)."""
+    return f".{path.name}.{os.getpid()}-"
+
+
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Remove what killed writers of ``path`` left beside it; returns the paths removed or restored.
+
+    A temporary (``.NAME.PID-random.tmp``, file or folder) of a process that no longer runs is deleted;
+    so is a set-aside old version (``.NAME.PID-random.old``) when ``path`` exists. When ``path`` is missing
+    (the writer was killed between moving the old version aside and moving the new one in), the old
+    version is moved back to ``path`` instead: nothing the user had is lost. Temporaries of running
+    processes (a concurrent writer) are left alone.
+    """
+    path = Path(path)
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(\d+)-[a-z0-9_]+\.(tmp|old)$")
+    if not path.parent.is_dir():
+        return []
+    touched = []
+    for entry in sorted(path.parent.iterdir(), key=lambda p: p.name.endswith(".tmp")):  # .old first
+        match = pattern.match(entry.name)
+        if match is None or _process_running(int(match.group(1))):
+            continue
+        previous = entry / "previous"
+        if match.group(2) == "old" and not path.exists() and previous.exists():
+            os.replace(previous, path)
+            logger.warning("restored %s from %s (a write of it was killed)", path, entry.name)
+        _remove_path(entry)
+        touched.append(entry)
+    return touched
+
+
+def _process_running(pid: int) -> bool:
+    """Whether process ``pid`` runs (``True`` when unknowable, e.g. off POSIX: its files are then kept)."""
+    if os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
+
+
+def _remove_path(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _umask() -> int:
@@ -207,7 +303,8 @@ class atomic_folder:
     A non-empty existing folder is only replaced when it holds one of ``model_markers``
     (i.e. it is a saved model); anything else is refused, so user files are never deleted.
     Markdown files at the top of the replaced folder (a model card, notes) that the new save did
-    not write are carried over into it.
+    not write are carried over into it. Temporaries are named ``.NAME.PID-random.tmp``; those of
+    killed writers are removed on entry (:func:`remove_stale_temporaries`).
     """
 
     def __init__(self, path: str | Path, model_markers: tuple[str, ...] = ("config.yaml", "model_index.json")) -> None:
@@ -222,12 +319,11 @@ class atomic_folder:
             if any(self.path.iterdir()) and not is_model:
                 raise CheckpointError(f"cannot save to {self.path}: folder exists and is not a saved model")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.temp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent))
+        remove_stale_temporaries(self.path)
+        self.temp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(self.path), suffix=".tmp", dir=self.path.parent))
         return self.temp
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        import shutil
-
         if exc_type is not None:
             shutil.rmtree(self.temp, ignore_errors=True)
             return
@@ -236,7 +332,7 @@ class atomic_folder:
             for document in self.path.glob("*.md"):
                 if document.is_file() and not (self.temp / document.name).exists():
                     shutil.copy2(document, self.temp / document.name)
-            old = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".old", dir=self.path.parent))
+            old = Path(tempfile.mkdtemp(prefix=_temporary_prefix(self.path), suffix=".old", dir=self.path.parent))
             os.replace(self.path, old / "previous")
             os.replace(self.temp, self.path)
             shutil.rmtree(old, ignore_errors=True)

@@ -14,20 +14,21 @@ One YAML file (strictly checked, overridable with dotted ``key=value`` pairs) de
     run_dir:     checkpoints, logs and validation grids (optional; --run-dir wins)
 
 Every mistake is a one-line :class:`ConfigError` naming the file and the dotted key. Reading and
-the unknown-key check live in :mod:`ldm.config_io`; this module knows the run's sections and the
-checks across them. The loop that runs a config is :mod:`ldm.training.trainer`.
+the unknown-key and type checks live in :mod:`ldm.config_io`; this module knows the run's sections,
+the checks across them and which settings define a run (:func:`run_identity`). The loop that runs a
+config is :mod:`ldm.training.trainer`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from ldm.config import SECTION_CLASSES, PipelineConfig
-from ldm.config_io import check_keys, parse_yaml_value, read_yaml, strict_from_dict
+from ldm.config_io import check_keys, check_types, parse_yaml_value, plain_data, read_yaml, strict_from_dict
 from ldm.errors import ConfigError
 
 DATA_KINDS = ("procedural", "folder", "hub")
@@ -36,6 +37,18 @@ OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16":
 _PIPELINE_SECTIONS = ("unet", "text_encoder", "schedule", "sampling")
 _INIT_OVERRIDABLE = ("schedule", "sampling")  # sections model.init may be combined with
 _TOP_LEVEL = ("model", "vae", "data", "training", "validation", "output", "run_dir")
+# Settings a resumed session may change: how long to train, the learning-rate schedule, checkpointing,
+# logging, speed and memory options, the model's sampling defaults. All others (base model or
+# architecture, VAE, data, objective and method) define the run; validation and output never do.
+RESUMABLE_SETTINGS = frozenset({
+    "data.num_workers", "data.cache_latents",
+    "training.steps", "training.lr", "training.final_lr", "training.warmup_steps", "training.weight_decay",
+    "training.grad_clip", "training.text_encoder_lr", "training.ema_decay", "training.checkpoint_every",
+    "training.keep_checkpoints", "training.mixed_precision", "training.gradient_checkpointing",
+    "training.log_every",
+    "model.sampling.steps", "model.sampling.guidance_scale", "model.sampling.sampler", "model.sampling.karras",
+    "model.sampling.eta", "model.sampling.signal_leak",
+})
 
 
 @dataclass
@@ -170,12 +183,10 @@ def parse_run_config(data: dict, *, source: str = "config") -> RunConfig:
                           "(a pretrained model brings its own architecture)")
     if init is None and not model:
         raise ConfigError(f"{source}: model needs init (a pretrained model) or unet/text_encoder sections")
+    for name, values in model.items():  # keys and types now, not after loading data (dotted keys named)
+        check_types(SECTION_CLASSES[name], values or {}, source=source, key=f"model.{name}")
     if init is None:
-        PipelineConfig.from_dict(model, source=f"{source}: model")  # strict check now, not after loading data
-    else:  # partial sections: their values merge into the init model's when it is loaded; check the keys now
-        for name, values in model.items():
-            check_keys(values or {}, [f.name for f in fields(SECTION_CLASSES[name])], source=source,
-                       key=f"model.{name}")
+        PipelineConfig.from_dict(model, source=f"{source}: model")  # partial sections merge into the init model's
     training_dict = dict(data.get("training") or {})
     lora = training_dict.pop("lora", None)
     settings = strict_from_dict(TrainSettings, training_dict, source=source, key="training")
@@ -207,7 +218,7 @@ def _check_values(config: RunConfig) -> None:
         raise ConfigError(f"{where}: output.dtype must be one of {tuple(OUTPUT_DTYPES)}")
     for name in ("batch_size", "steps", "checkpoint_every", "keep_checkpoints", "gradient_accumulation"):
         if getattr(t, name) < 1:
-            raise ConfigError(f"{where}: training.{name} must be >= 1")
+            raise ConfigError(f"{where}: training.{name} must be >= 1, got {getattr(t, name)}")
     if config.model_init is None and config.vae is None:
         raise ConfigError(f"{where}: a fresh model (no model.init) needs vae: a folder from train_autoencoder.py")
     if t.text_encoder_lr is not None:
@@ -217,5 +228,41 @@ def _check_values(config: RunConfig) -> None:
             raise ConfigError(f"{where}: training.text_encoder_lr is set but the text encoder is not trained")
 
 
+def run_identity(config: RunConfig) -> dict[str, Any]:
+    """The settings that define the run ``config`` describes, as ``{dotted key: value}``: the base model
+    (``model.init``, resolved) or the architecture, the VAE, the data and the training objective and
+    method; not the :data:`RESUMABLE_SETTINGS`, validation or output. A run directory records them
+    (:mod:`ldm.training.run_state`) so that a session never continues another run by mistake."""
+    settings = {"model.init": _location(config.model_init), "vae": _location(config.vae)}
+    settings.update(_flatten(config.model_sections, "model"))
+    settings.update(_flatten(asdict(config.data), "data"))
+    settings["data.source"] = _location(config.data.source)
+    settings.update(_flatten(asdict(config.training), "training"))
+    return {key: value for key, value in settings.items() if not _resumable(key)}
+
+
+def _resumable(key: str) -> bool:
+    """Whether ``key`` is, or lies under, one of the :data:`RESUMABLE_SETTINGS`."""
+    return any(key == name or key.startswith(name + ".") for name in RESUMABLE_SETTINGS)
+
+
+def _flatten(values: dict, prefix: str) -> dict[str, Any]:
+    """Nested dicts -> ``{"prefix.a.b": value}`` with plain values (tuples as lists)."""
+    flat = {}
+    for name, value in values.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}.{name}"))
+        else:
+            flat[f"{prefix}.{name}"] = plain_data(value)
+    return flat
+
+
+def _location(path: str | None) -> str | None:
+    """An existing local path made absolute (the same run may be started from another folder); a hub id
+    or a missing path as given."""
+    return str(Path(path).resolve()) if path is not None and Path(path).exists() else path
+
+
 __all__ = ["RunConfig", "DataSettings", "TrainSettings", "LoraSettings", "ValidationSettings", "OutputSettings",
-           "DATA_KINDS", "PRECISIONS", "OUTPUT_DTYPES", "apply_overrides", "read_run_config", "parse_run_config"]
+           "DATA_KINDS", "PRECISIONS", "OUTPUT_DTYPES", "RESUMABLE_SETTINGS", "apply_overrides", "read_run_config",
+           "parse_run_config", "run_identity"]

@@ -17,6 +17,11 @@ original SD key prefixes (``weights.safetensors``) and ``state.pt`` (optimizer, 
 position, elapsed time), so a killed run resumes where its last checkpoint left it. All step
 randomness (batch choice, caption dropout, timesteps, noise) comes from a generator seeded by the
 step number, so a resumed run repeats exactly what an uninterrupted one would have done.
+
+Nothing is mixed up or lost silently: ``run_dir/run.json`` records the settings that define the run
+(:func:`ldm.training.run_config.run_identity`), and a session with other ones is refused unless told
+to continue or restart (:func:`ldm.training.run_state.plan_session`); the exported model carries the
+run's id, and an output that another run (or the user) made is never replaced without ``overwrite``.
 """
 
 from __future__ import annotations
@@ -47,11 +52,16 @@ from ldm.pipeline import Txt2ImgPipeline
 from ldm.toy.procedural import ProceduralDataset, images_to_tensor
 from ldm.training import objectives, run_state
 from ldm.training.data import (BucketBatchSampler, ImageCaptionDataset, cache_latents, collate_batch,
-                               load_image_caption_dataset)
+                               load_image_caption_dataset, vae_fingerprint)
 from ldm.training.ema import EMA
-from ldm.training.run_config import OUTPUT_DTYPES, DataSettings, RunConfig, TrainSettings, ValidationSettings
+from ldm.training.run_config import (OUTPUT_DTYPES, DataSettings, RunConfig, TrainSettings, ValidationSettings,
+                                     run_identity)
 
 logger = logging.getLogger(__name__)
+
+NOTE_FILE = "training.json"  # beside every exported model: steps, time, samples and the run id
+LORA_FILE = "lora.safetensors"
+RUN_ID_KEY = "ldm_run_id"  # the run id in the metadata of an exported LoRA file
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,11 +186,15 @@ class ProceduralLatents:
     @classmethod
     @torch.no_grad()
     def build(cls, vae, settings: DataSettings, cache: Path, batch_size: int, device) -> "ProceduralLatents":
-        """Posterior-mean latents ``z [N, C, h, w]`` of ``pool_size`` procedural images, cached in ``cache``."""
-        captions_file = cache.with_suffix(".json")
-        if captions_file.is_file() and cache.is_file():
-            captions = json.loads(captions_file.read_text(encoding="utf-8"))
-            return cls(checkpoints.load_state_dict(cache)["latents"], captions, batch_size)
+        """Posterior-mean latents ``z [N, C, h, w]`` of ``pool_size`` procedural images, cached in ``cache``
+        with their captions and a fingerprint of the data seed, pool size and VAE (a cache made for other
+        ones is recomputed, not used)."""
+        fingerprint = json.dumps({"seed": settings.seed, "pool_size": settings.pool_size, "vae": vae_fingerprint(vae)})
+        metadata = checkpoints.safetensors_metadata(cache)
+        if metadata.get("fingerprint") == fingerprint:
+            return cls(checkpoints.load_state_dict(cache)["latents"], json.loads(metadata["captions"]), batch_size)
+        if cache.is_file():
+            logger.info("latent cache %s was made for other data or another VAE; recomputing", cache)
         dataset = ProceduralDataset(seed=settings.seed, split="train")
         latents, captions, start = [], [], time.perf_counter()
         dtype = next(vae.parameters()).dtype
@@ -192,8 +206,8 @@ class ProceduralLatents:
         latents = torch.cat(latents)
         logger.info("encoded %d procedural latents in %.0f s (std %.3f)", len(latents),
                     time.perf_counter() - start, latents.std())
-        checkpoints.save_safetensors_atomic({"latents": latents}, cache)
-        captions_file.write_text(json.dumps(captions), encoding="utf-8")
+        checkpoints.save_safetensors_atomic({"latents": latents}, cache,
+                                            metadata={"fingerprint": fingerprint, "captions": json.dumps(captions)})
         return cls(latents, captions, batch_size)
 
     def next_batch(self, generator: torch.Generator) -> dict[str, Any]:
@@ -353,29 +367,106 @@ def render_validation(pipe, settings: ValidationSettings, path: Path) -> Path:
     return path
 
 
-def export_model(pipe, trained: dict[str, nn.Module], emas: dict, config: RunConfig, note: dict) -> Path | None:
+def export_model(pipe, trained: dict[str, nn.Module], emas: dict, config: RunConfig, note: dict, *,
+                 overwrite: bool = False) -> Path | None:
     """Write the final model: EMA weights when kept; LoRA runs write ``lora.safetensors``, others a
-    pipeline folder (our format, plus ``PATH-diffusers`` on request)."""
+    pipeline folder (our format, plus ``PATH-diffusers`` on request); ``training.json`` (``note``, with
+    the run id) beside it. Every write is atomic.
+
+    Raises:
+        ConfigError: unless ``overwrite``: an output exists that this run (``note["run_id"]``) did not
+            write, or replacing the model folder would delete files the user put in it.
+    """
     out = config.output
     if out.path is None:
         logger.info("no output.path: final model not exported (see the checkpoints)")
         return None
+    check_outputs(config, note.get("run_id"), overwrite=overwrite)
     path = Path(out.path)
     for name, ema in emas.items():
         ema.copy_to(TrainableParameters(trained[name]))
     dtype = OUTPUT_DTYPES[out.dtype]
+    note_text = json.dumps(note, indent=2) + "\n"
     if config.lora is not None:
-        path.mkdir(parents=True, exist_ok=True)
-        save_lora(path / "lora.safetensors", unet=pipe.unet,
+        save_lora(path / LORA_FILE, unet=pipe.unet,
                   text_encoder=pipe.text_encoder if "text_encoder" in trained else None, dtype=dtype,
-                  metadata={"ldm_base_model": str(config.model_init), "ldm_steps": str(note.get("steps"))})
+                  metadata={"ldm_base_model": str(config.model_init), "ldm_steps": str(note.get("steps")),
+                            RUN_ID_KEY: str(note.get("run_id"))})
+        checkpoints.write_text_atomic(path / NOTE_FILE, note_text)
     else:
-        pipe.save_pretrained(path, dtype=dtype)
+        _save_model_folder(path, lambda folder: pipe.save_pretrained(folder, dtype=dtype), note_text,
+                           overwrite=overwrite)
         if out.diffusers:
-            pipe.save_pretrained(path.with_name(path.name + "-diffusers"), format="diffusers", dtype=dtype)
-    (path / "training.json").write_text(json.dumps(note, indent=2) + "\n", encoding="utf-8")
+            _save_model_folder(_diffusers_path(path),
+                               lambda folder: pipe.save_pretrained(folder, format="diffusers", dtype=dtype),
+                               note_text, overwrite=overwrite)
     logger.info("exported the final model to %s", path)
     return path
+
+
+def _diffusers_path(path: Path) -> Path:
+    return path.with_name(path.name + "-diffusers")
+
+
+def _save_model_folder(path: Path, save, note_text: str, *, overwrite: bool) -> None:
+    """Build the folder ``path`` beside it (``save(folder)`` writes the model, then ``training.json``)
+    and move it into place; refused unless ``overwrite`` when that would delete files of the old folder."""
+    with checkpoints.atomic_folder(path) as folder:
+        save(folder)
+        checkpoints.write_text_atomic(folder / NOTE_FILE, note_text)
+        if not overwrite:
+            _refuse_to_delete(path, folder)
+
+
+def _refuse_to_delete(old: Path, new: Path) -> None:
+    """Raise when replacing the folder ``old`` by ``new`` would lose entries (Markdown files are carried over)."""
+    lost = sorted(p.name for p in old.iterdir() if p.suffix != ".md" and not (new / p.name).exists()) \
+        if old.is_dir() else []
+    if lost:
+        more = f" and {len(lost) - 1} more" if len(lost) > 1 else ""
+        raise ConfigError(f"output {old} holds {lost[0]!r}{more}, which the export would delete: move it away or "
+                          "pass --overwrite (then export the last checkpoint with --export)")
+
+
+def output_targets(config: RunConfig) -> list[Path]:
+    """What exporting ``config``'s model may replace: ``lora.safetensors`` and ``training.json`` in
+    ``output.path`` for LoRA, else the model folder (and ``PATH-diffusers``)."""
+    if config.output.path is None:
+        return []
+    path = Path(config.output.path)
+    if config.lora is not None:
+        return [path / LORA_FILE, path / NOTE_FILE]
+    return [path, _diffusers_path(path)] if config.output.diffusers else [path]
+
+
+def output_run_id(target: Path) -> str | None:
+    """The id of the run that wrote ``target`` (a model folder, a LoRA file or a ``training.json``), or
+    ``None`` when it carries none (not written by a training run, or by an older version)."""
+    if target.is_dir():
+        target = target / NOTE_FILE
+    if target.suffix == ".safetensors":
+        return checkpoints.safetensors_metadata(target).get(RUN_ID_KEY)
+    try:
+        note = json.loads(target.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return note.get("run_id") if isinstance(note, dict) else None
+
+
+def check_outputs(config: RunConfig, run_id: str | None, *, overwrite: bool = False) -> None:
+    """Refuse to replace an output that the run ``run_id`` did not write, unless ``overwrite``.
+
+    Raises:
+        ConfigError: naming the output, when one exists (a file, or a non-empty folder) with another
+            run id or none.
+    """
+    if overwrite:
+        return
+    for target in output_targets(config):
+        occupied = target.is_file() or (target.is_dir() and any(target.iterdir()))
+        if occupied and (run_id is None or output_run_id(target) != run_id):
+            raise ConfigError(f"output {target} exists and was not written by this run: pass --overwrite to "
+                              "replace it, or set another output.path")
 
 
 # --------------------------------------------------------------------------------------------
@@ -405,6 +496,7 @@ class TrainingRun:
     emas: dict[str, EMA]
     optimizer: Any  # torch AdamW; accelerate's wrapper of it after start_session
     parameters: list[nn.Parameter]  # every trained parameter (gradient clipping)
+    run_id: str = ""  # from run_dir/run.json (ldm.training.run_state.plan_session)
     step: int = 0  # optimizer steps done
     elapsed: float = 0.0  # training seconds of earlier sessions (from the checkpoint)
     data_state: dict = field(default_factory=dict)  # data position from the checkpoint
@@ -429,22 +521,32 @@ class TrainingRun:
     def note(self, seconds: float) -> dict:
         """The ``training.json`` written beside the exported model."""
         return {"config": self.config.source, "steps": self.step, "train_seconds": round(seconds),
-                "samples_seen": self.step * self.samples_per_step}
+                "samples_seen": self.step * self.samples_per_step, "run_id": self.run_id}
 
 
 def train(config: RunConfig, run_dir: str | Path, *, resume: str = "auto", export_only: bool = False,
-          progress: bool = True) -> TrainResult:
+          progress: bool = True, settings_changed: str = "refuse", overwrite: bool = False) -> TrainResult:
     """Train (or resume) the run described by ``config`` in ``run_dir``; export the final model.
 
     Args:
         resume: ``"auto"`` (continue from the newest checkpoint when there is one) or ``"latest"``
             (require one).
         export_only: write the newest checkpoint's (EMA) weights to ``output`` without training.
+        settings_changed: when ``run_dir`` holds a run whose defining settings differ from ``config``'s:
+            ``"refuse"`` (a :class:`ConfigError` naming them), ``"continue"`` it with the new settings, or
+            ``"restart"`` (move the old run directory aside, start a new run; also when nothing differs).
+        overwrite: replace an output that exists and was not written by this run.
     """
-    run = setup_run(config, Path(run_dir))
-    resume_from_checkpoint(run, required=resume == "latest")
+    run_dir = Path(run_dir)
+    plan = run_state.plan_session(run_dir, run_identity(config), settings_changed=settings_changed)
+    run = setup_run(config, run_dir)
+    open_run_dir(run, plan)
+    resumed = resume_from_checkpoint(run, required=resume == "latest")
     if export_only:
-        return export_checkpoint(run)
+        if not resumed:
+            raise ConfigError(f"--export: no checkpoint in {run.run_dir / 'checkpoints'}")
+        return export_checkpoint(run, overwrite=overwrite)
+    check_outputs(config, run.run_id, overwrite=overwrite)  # before training, not after it
     load_run_data(run)
     start_session(run, progress=progress)
     t, v = config.training, config.validation
@@ -456,7 +558,7 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: str = "auto", expor
         if v.prompts and run.accelerator.is_main_process and (
                 (v.every and run.step % v.every == 0) or run.step == t.steps):
             render_validation(run.pipe, v, run.run_dir / "validation" / f"step-{run.step:07d}.png")
-    return finish_run(run)
+    return finish_run(run, overwrite=overwrite)
 
 
 def setup_run(config: RunConfig, run_dir: Path) -> TrainingRun:
@@ -477,6 +579,15 @@ def setup_run(config: RunConfig, run_dir: Path) -> TrainingRun:
     optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
     return TrainingRun(config, run_dir, accelerator, pipe, trained, emas, optimizer,
                        parameters=[p for group in groups for p in group["params"]])
+
+
+def open_run_dir(run: TrainingRun, plan: run_state.SessionPlan) -> None:
+    """Carry out ``plan`` (the main process sets an old run aside and records this one; all processes
+    wait for it) and take its run id."""
+    if run.accelerator.is_main_process:
+        run_state.open_session(plan)
+    run.accelerator.wait_for_everyone()
+    run.run_id = plan.run_id
 
 
 def resume_from_checkpoint(run: TrainingRun, *, required: bool = False) -> bool:
@@ -502,11 +613,11 @@ def resume_from_checkpoint(run: TrainingRun, *, required: bool = False) -> bool:
     return True
 
 
-def export_checkpoint(run: TrainingRun) -> TrainResult:
+def export_checkpoint(run: TrainingRun, *, overwrite: bool = False) -> TrainResult:
     """``--export``: write the loaded checkpoint's (EMA) weights to ``output`` without training (main process)."""
     if run.accelerator.is_main_process:
         return TrainResult(run.step, output=export_model(run.pipe, run.trained, run.emas, run.config,
-                                                         run.note(run.elapsed)))
+                                                         run.note(run.elapsed), overwrite=overwrite))
     return TrainResult(run.step)
 
 
@@ -609,13 +720,13 @@ def save_run_checkpoint(run: TrainingRun) -> None:
         run_state.save_checkpoint(run.run_dir, run.step, weights, state, keep=run.config.training.keep_checkpoints)
 
 
-def finish_run(run: TrainingRun) -> TrainResult:
+def finish_run(run: TrainingRun, *, overwrite: bool = False) -> TrainResult:
     """Close the session: the main process exports the final (EMA) model; trackers end."""
     if run.bar is not None:
         run.bar.close()
     run.accelerator.wait_for_everyone()
     note = run.note(time.perf_counter() - run.started)
-    output = export_model(run.pipe, run.trained, run.emas, run.config, note) \
+    output = export_model(run.pipe, run.trained, run.emas, run.config, note, overwrite=overwrite) \
         if run.accelerator.is_main_process else None
     run.accelerator.end_training()
     return TrainResult(run.step, run.losses, output, run.samples_per_second)
@@ -644,7 +755,8 @@ def _progress_bar(step: int, total: int, *, enabled: bool):
     return tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, leave=False)
 
 
-__all__ = ["train", "TrainResult", "TrainingRun", "setup_run", "resume_from_checkpoint", "export_checkpoint",
+__all__ = ["train", "TrainResult", "TrainingRun", "setup_run", "open_run_dir", "resume_from_checkpoint",
+           "export_checkpoint", "check_outputs", "output_targets", "output_run_id",
            "load_run_data", "start_session", "training_step", "log_step", "save_run_checkpoint", "finish_run",
            "build_pipeline", "load_vae_folder", "prepare_trainable", "parameter_groups", "diffusion_loss_on_batch",
            "step_generator", "render_validation", "export_model", "TrainableParameters", "ProceduralLatents",

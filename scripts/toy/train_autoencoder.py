@@ -20,7 +20,6 @@ The result is written to ``<run-dir>/vae.safetensors`` + ``vae.yaml``.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import logging
@@ -35,6 +34,8 @@ import yaml
 
 from autoencoder.losses import autoencoder_loss, psnr, reconstruction_terms
 from autoencoder.model import AutoencoderConfig, AutoencoderKL
+from ldm.cli import OneLineErrorParser
+from ldm.errors import ConfigError
 from ldm.formats import checkpoints
 from ldm.training import run_state
 from ldm.config_io import check_keys, read_yaml, strict_from_dict
@@ -84,8 +85,20 @@ def read_config(path: Path) -> tuple[AutoencoderConfig, VAETrainConfig, DecoderF
     """The config's sections, read strictly: an unknown key or a bad value is a ConfigError naming its dotted path."""
     data = read_yaml(path) or {}
     check_keys(data, SECTIONS, source=str(path))
-    return tuple(strict_from_dict(cls, data.get(name) or {}, source=str(path), key=name)
-                 for name, cls in SECTIONS.items())
+    sections = tuple(strict_from_dict(cls, data.get(name) or {}, source=str(path), key=name)
+                     for name, cls in SECTIONS.items())
+    check_counts(sections[1:], source=str(path))
+    return sections
+
+
+def check_counts(stages, *, source: str) -> None:
+    """Refuse step counts, batch sizes and checkpoint intervals that would train nothing or never stop:
+    ``training.steps`` >= 1, the fine-tuning stages' steps >= 0 (0 skips the stage), the rest >= 1."""
+    for section, stage in zip(list(SECTIONS)[1:], stages):
+        for name in ("steps", "batch_size", "checkpoint_every"):
+            least = 0 if name == "steps" and section != "training" else 1
+            if getattr(stage, name) < least:
+                raise ConfigError(f"{source}: {section}.{name} must be >= {least}, got {getattr(stage, name)}")
 
 
 def image_pool(seed: int, n: int, split: str = "train") -> torch.Tensor:
@@ -193,15 +206,17 @@ def run_stage(name: str, model: AutoencoderKL, parameters: list, stage, run_dir:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineErrorParser(prog="train_autoencoder.py", description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=Path("configs/default-vae.yaml"))
     parser.add_argument("--run-dir", type=Path, default=Path("runs/vae"))
-    parser.add_argument("--steps", type=int, help="override training.steps")
+    parser.add_argument("--steps", type=int, help="override training.steps (>= 1)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--update-model", type=Path, metavar="FOLDER",
                         help="afterwards, put the trained autoencoder into this pipeline folder (same architecture "
                              "and scaling factor; its U-Net and text encoder are kept)")
     args = parser.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -214,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     except (LdmError, ValueError, OSError) as error:
         print(f"train_autoencoder.py: error: {error}", file=sys.stderr)
         return 2
-    if args.steps:
+    if args.steps is not None:
         cfg.steps = args.steps
 
     torch.manual_seed(cfg.seed)
@@ -269,7 +284,7 @@ def update_model(folder: Path, model: AutoencoderKL, config: AutoencoderConfig) 
     pipe.vae.load_state_dict(model.state_dict())
     pipe.save_pretrained(folder, dtype=dtype)
     if note is not None:
-        (folder / "training.json").write_text(note, encoding="utf-8")
+        checkpoints.write_text_atomic(folder / "training.json", note)
     logger.info("updated the autoencoder of %s (%s)", folder, dtype)
 
 
@@ -288,8 +303,8 @@ def finish(model: AutoencoderKL, config: AutoencoderConfig, scaling: float, eval
     """Write the final weights and config (with the stage-1 scaling factor)."""
     final_config = dataclasses.replace(config, scaling_factor=scaling)
     checkpoints.save_safetensors_atomic(model.state_dict(), run_dir / "vae.safetensors")
-    (run_dir / "vae.yaml").write_text(yaml.safe_dump({"model": final_config.to_dict(),
-                                                      "training_seconds": round(seconds)}), encoding="utf-8")
+    checkpoints.write_text_atomic(run_dir / "vae.yaml", yaml.safe_dump({"model": final_config.to_dict(),
+                                                                       "training_seconds": round(seconds)}))
     logger.info("final PSNR %.2f dB, %.0f s of training", evaluate(model, eval_images), seconds)
 
 
