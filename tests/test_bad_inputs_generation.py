@@ -342,3 +342,16 @@ def test_only_stale_temporaries_of_dead_processes_are_removed(tmp_path):
     # "ours": this pid did not exist when the file was written (a killed run's pid, reused)
     assert sorted(path.name for path in removed) == sorted([old["dead"], old["ours"]])
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted([old["alive"], fresh, "00004-1.png"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--n", "-5"], "--n must be at least 1"),
+    (["--guidance", "nan"], "--guidance must be a finite number"),
+    (["--n", "3"], "cannot hold 5 prompts"),
+])
+def test_evaluate_bad_arguments_are_one_line_and_exit_code_2(args, message):
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "toy" / "evaluate.py"), *args, "--quiet"],
+                            capture_output=True, text=True, cwd=ROOT,
+                            env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr

@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 from pathlib import Path
 
+from ldm.cli import OneLineErrorParser
 from ldm.sampling.registry import SAMPLER_NAMES
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineErrorParser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="model folder (default: the model shipped in the package)")
     parser.add_argument("--judge", help="judge weights (default: the judge shipped in the package)")
     parser.add_argument("--n", type=int, default=240, help="number of generated images (default 240)")
@@ -47,8 +49,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Ranges argparse cannot check: one line and exit 2 for each mistake."""
+    for flag, value, least in (("--n", args.n, 1), ("--heldout-per-pair", args.heldout_per_pair, 0),
+                               ("--batch-size", args.batch_size, 1), ("--steps", args.steps, 1),
+                               ("--size", args.size, 8), ("--seed", args.seed, 0)):
+        if value is not None and value < least:
+            parser.error(f"{flag} must be at least {least}, got {value}")
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        parser.error(f"--guidance must be a finite number, got {args.guidance}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_arguments(parser, args)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
 
     import torch
@@ -65,12 +80,16 @@ def main(argv: list[str] | None = None) -> int:
     except (LdmError, FileNotFoundError) as error:
         print(f"evaluate.py: error: {error}", file=sys.stderr)
         return 2
-    settings = EvaluationSettings(
-        n=args.n, heldout_per_pair=args.heldout_per_pair, seed=args.seed, steps=args.steps,
-        guidance_scale=args.guidance, sampler=args.sampler, height=args.size, width=args.size,
-        batch_size=args.batch_size, signal_leak=args.signal_leak,
-    )
-    result = evaluate(pipe, judge, settings, model=str(args.model or DEFAULT_MODEL_DIR))
+    try:
+        settings = EvaluationSettings(
+            n=args.n, heldout_per_pair=args.heldout_per_pair, seed=args.seed, steps=args.steps,
+            guidance_scale=args.guidance, sampler=args.sampler, height=args.size, width=args.size,
+            batch_size=args.batch_size, signal_leak=args.signal_leak,
+        )
+        result = evaluate(pipe, judge, settings, model=str(args.model or DEFAULT_MODEL_DIR))
+    except (LdmError, ValueError) as error:  # e.g. --n too small for --heldout-per-pair, a bad --size
+        print(f"evaluate.py: error: {error}", file=sys.stderr)
+        return 2
     result.seconds["total"] = time.perf_counter() - started
     paths = write_outputs(result, args.out, args.grid)
     print(markdown_report(result), end="")
