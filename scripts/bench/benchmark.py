@@ -337,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ours fast without channels-last (to see what channels-last adds)")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--decode-cases", nargs="+", metavar="KIND:SIZE",
+                        default=[f"{kind}:{size}" for kind, size in DECODE_CASES],
+                        help="decode-memory cases, KIND one of diffusers, ours, 'ours untiled' (default: all five)")
     parser.add_argument("--decode-memory-child", nargs=2, metavar=("KIND", "SIZE"), help=argparse.SUPPRESS)
     return parser
 
@@ -355,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_speed:
         speed_section(args)  # returns before the memory section, so its pipelines are freed by then
     if not args.skip_memory:
-        print_memory_table(run_memory())
+        cases = [(case.rsplit(":", 1)[0], int(case.rsplit(":", 1)[1])) for case in args.decode_cases]
+        print_memory_table(run_memory(cases))
     return 0
 
 
