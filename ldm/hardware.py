@@ -6,8 +6,8 @@
   diffusers' float32 pipeline to the last bit of the sampling arithmetic).
 - ``fast``: the quickest precision this machine runs well: float16 on CUDA and MPS; on a CPU
   with native bfloat16 arithmetic (AVX512-BF16 or AMX, read from the CPU's flags at run time)
-  bfloat16 with channels-last convolutions; float32 on other CPUs, where bfloat16 is emulated
-  and slower than float32.
+  bfloat16 with channels-last convolutions; float32 on other CPUs (no bfloat16 arithmetic in
+  hardware there, so the speed-up measured in the README does not apply).
 - ``float32``, ``float16``, ``bfloat16``: exactly that.
 
 The measurements behind the choice of ``auto`` are in the README (``scripts/bench/benchmark.py``).

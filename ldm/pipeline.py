@@ -356,12 +356,8 @@ class Txt2ImgPipeline:
                                         height=height, width=width, eta=eta, karras=karras, signal_leak=signal_leak,
                                         clip_skip=clip_skip)
         if only_masked:
-            if mask_image is None:
-                raise ImageInputError("only_masked needs a mask_image")
-            check_mask(mask_image, image)
-            mask_image = mask_image.convert("L").resize(image.size) if mask_image.size != image.size else mask_image
-            region = only_masked_region(mask_image, only_masked_padding, options.width, options.height)
-            image, mask_image, full_mask = image.crop(region), mask_image.crop(region), mask_image
+            full_mask, region = self.only_masked_crop(image, mask_image, only_masked_padding, options)
+            image, mask_image = image.crop(region), full_mask.crop(region)
         condition = self.image_condition(image, mask_image, strength, options)
         hires = self.hires_options(hires_scale, hires_strength, hires_upscaler, hires_steps, options, condition)
         prompts, negatives = _expand_prompts(prompt, negative_prompt, num_images)
@@ -390,11 +386,27 @@ class Txt2ImgPipeline:
             return images if output_type == "pt" else to_pil(images)
         if only_masked:
             image, mask_image = original_image, full_mask
-        # Composite in uint8, so that pixels outside the mask are the input's exactly.
-        soft_mask = blur_mask(mask_image.convert("L").resize(image.size) if mask_image.size != image.size
-                              else mask_image, mask_blur)
-        pasted = [paste_into(image, generated, soft_mask, region) for generated in to_pil(images)]
+        pasted = self.paste_back(images, image, mask_image, mask_blur, region)
         return pasted if output_type != "pt" else torch.stack([pil_to_tensor(p) for p in pasted])
+
+    @staticmethod
+    def only_masked_crop(image: Image.Image | None, mask_image: Image.Image | None, padding: int,
+                         options) -> tuple[Image.Image, tuple[int, int, int, int]]:
+        """"Only masked": the mask at the image's size and the box to work on (see :func:`only_masked_region`)."""
+        if image is None or mask_image is None:
+            raise ImageInputError("only_masked needs an image and a mask_image")
+        check_mask(mask_image, image)
+        mask_image = mask_image.convert("L").resize(image.size) if mask_image.size != image.size else mask_image
+        return mask_image, only_masked_region(mask_image, padding, options.width, options.height)
+
+    @staticmethod
+    def paste_back(images: torch.Tensor, image: Image.Image, mask_image: Image.Image, mask_blur: float,
+                   region: tuple[int, int, int, int] | None) -> list[Image.Image]:
+        """Generated ``images [B, 3, H, W]`` composited over ``image`` with the blurred mask, in uint8 so that
+        pixels outside the mask are the input's exactly; ``region``: where an only-masked crop goes."""
+        mask_image = mask_image.convert("L").resize(image.size) if mask_image.size != image.size else mask_image
+        soft_mask = blur_mask(mask_image, mask_blur)
+        return [paste_into(image, generated, soft_mask, region) for generated in to_pil(images)]
 
     def image_condition(self, image: Image.Image | None, mask_image: Image.Image | None,
                         strength: float | None, options) -> ImageCondition | None:
