@@ -134,3 +134,4 @@ def test_clip_skip_2_equals_diffusers_with_the_penultimate_clip_layer(tmp_path):
                                       seed=2, output_type="pt"))
     with pytest.raises(ValueError, match="clip_skip"):
         pipe("x", clip_skip=0, steps=1)
+

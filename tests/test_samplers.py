@@ -479,3 +479,31 @@ def test_registry_is_consistent():
         assert spec.diffusers_karras == ("use_karras_sigmas" in inspect.signature(
             getattr(diffusers, spec.diffusers_class).__init__).parameters)
     assert SAMPLERS["ddim"].options == ("eta",)
+
+
+# ---------------------------------------------------------------------------------------- sampler names
+
+
+@pytest.mark.parametrize("given, ours", [("DPM++ 2M", "dpmpp_2m"), ("euler a", "euler_ancestral"),
+                                         ("Euler", "euler"), ("ddim", "ddim"), ("DDPM", "ddpm"), ("Heun", "heun")])
+def test_automatic1111_sampler_names_are_understood(given, ours):
+    from ldm.sampling.registry import resolve_sampler_name
+
+    assert resolve_sampler_name(given) == ours
+
+
+def test_a_diffusers_scheduler_without_equivalent_is_named_in_a_warning(tmp_path, caplog):
+    """A folder whose scheduler is PNDM (SD 1.5's default) loads with the substitute named, never silently."""
+    import json
+
+    from ldm.pipeline import Txt2ImgPipeline
+    from tests.conftest import tiny_pipeline
+
+    tiny_pipeline(seed=1).save_pretrained(tmp_path / "sd", format="diffusers")
+    path = tmp_path / "sd" / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "_class_name": "PNDMScheduler"}))
+    with caplog.at_level("WARNING"):
+        loaded = Txt2ImgPipeline.from_pretrained(tmp_path / "sd")
+    assert loaded.config.sampling.sampler == "dpmpp_2m"
+    assert any("PNDMScheduler has no equivalent sampler here; sampling with dpmpp_2m" in r.message
+               for r in caplog.records)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import math
 
+from ldm.sampling.registry import resolve_sampler_name
+
 
 class OneLineErrorParser(argparse.ArgumentParser):
     """argparse, but a usage mistake prints one line (``prog: error: ...``) and exits with status 2."""
@@ -33,3 +35,11 @@ def finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
     return value
+
+
+def sampler_name(text: str) -> str:
+    """argparse ``type=`` for ``--sampler``: our name (``dpmpp_2m``) or AUTOMATIC1111's (``"DPM++ 2M"``)."""
+    try:
+        return resolve_sampler_name(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None

@@ -24,7 +24,7 @@ import secrets
 import sys
 from pathlib import Path
 
-from ldm.cli import OneLineErrorParser, finite_float
+from ldm.cli import OneLineErrorParser, finite_float, sampler_name
 from ldm.hardware import DTYPE_NAMES
 from ldm.sampling.registry import SAMPLER_NAMES
 
@@ -60,7 +60,9 @@ def build_parser(mode: str = "txt2img") -> argparse.ArgumentParser:
     parser.add_argument("--vae", type=Path, help="single-file --model: use this VAE file instead of the checkpoint's")
     parser.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     parser.add_argument("--scale", type=finite_float, help="classifier-free guidance scale (default: the model's)")
-    parser.add_argument("--sampler", choices=SAMPLER_NAMES, help="sampler (default: the model's)")
+    parser.add_argument("--sampler", type=sampler_name, metavar="NAME",
+                        help=f"sampler: {', '.join(SAMPLER_NAMES)}, or AUTOMATIC1111's name for it "
+                        "(e.g. \"DPM++ 2M\", \"Euler a\"); default: the model's")
     parser.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None,
                         help="use Karras et al. (2022) sigmas (default: the model's)")
     parser.add_argument("--eta", type=finite_float, help="DDIM eta: 0 deterministic, 1 ancestral (default 0)")

@@ -101,6 +101,19 @@ def _reverse_lookup(ours_to_theirs: dict[str, str], theirs: str, key: str) -> st
     raise ValueError(f"unsupported {key} {theirs!r} (supported: {sorted(ours_to_theirs.values())})")
 
 
+FALLBACK_SAMPLER = "dpmpp_2m"
+
+
+def sampler_for_scheduler(class_name: str, folder: Path) -> str:
+    """The sampler matching a diffusers scheduler class; for a class with no equivalent here (PNDM, LMS,
+    UniPC, ...) a warning names the substitute, never a silent change."""
+    if class_name in _SAMPLER_FOR_CLASS:
+        return _SAMPLER_FOR_CLASS[class_name]
+    logger.warning("%s: its scheduler %s has no equivalent sampler here; sampling with %s (%s) instead",
+                   folder, class_name or "(none named)", FALLBACK_SAMPLER, SAMPLER_INFO[FALLBACK_SAMPLER].a1111_name)
+    return FALLBACK_SAMPLER
+
+
 # Pipelines whose folders hold the weights of one of the two U-Net kinds we run (text-to-image or
 # inpainting); img2img is a mode of ours over the same weights.
 PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")
@@ -131,7 +144,7 @@ def load_diffusers_folder(folder: str | Path) -> tuple[PipelineConfig, dict[str,
     sampling = SamplingDefaults(
         height=int(native_size) * factor,
         width=int(native_size) * factor,
-        sampler=_SAMPLER_FOR_CLASS.get(scheduler_dict.get("_class_name", ""), "dpmpp_2m"),
+        sampler=sampler_for_scheduler(scheduler_dict.get("_class_name", ""), folder),
     )
     config = PipelineConfig(
         unet=unet_config,

@@ -50,6 +50,20 @@ SAMPLER_INFO: dict[str, SamplerInfo] = {
 SAMPLER_NAMES: tuple[str, ...] = tuple(SAMPLER_INFO)
 
 
+_BY_A1111_NAME = {info.a1111_name.lower(): name for name, info in SAMPLER_INFO.items()}
+
+
+def resolve_sampler_name(name: str) -> str:
+    """Our sampler name for ``name`` given as ours (``dpmpp_2m``) or as AUTOMATIC1111 writes it
+    (``DPM++ 2M``, any case); ``ValueError`` listing both forms otherwise."""
+    if name in SAMPLER_INFO:
+        return name
+    if name.strip().lower() in _BY_A1111_NAME:
+        return _BY_A1111_NAME[name.strip().lower()]
+    known = ", ".join(f"{ours} ({info.a1111_name})" for ours, info in SAMPLER_INFO.items())
+    raise ValueError(f"unknown sampler {name!r} (choose from {known})")
+
+
 def sampler_info(name: str) -> SamplerInfo:
     """The registry entry of ``name``; ``ValueError`` listing the known names otherwise."""
     if name not in SAMPLER_INFO:

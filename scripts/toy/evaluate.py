@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from ldm.cli import OneLineErrorParser
+from ldm.cli import OneLineErrorParser, sampler_name
 from ldm.sampling.registry import SAMPLER_NAMES
 
 
@@ -34,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of image 0; image i uses seed + i")
     parser.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")
-    parser.add_argument("--sampler", choices=SAMPLER_NAMES, help="sampler (default: the model's)")
+    parser.add_argument("--sampler", type=sampler_name, metavar="NAME",
+                        help=f"sampler: {', '.join(SAMPLER_NAMES)}, or AUTOMATIC1111's name for it "
+                        "(e.g. \"DPM++ 2M\", \"Euler a\"); default: the model's")
     parser.add_argument("--size", type=int, help="image side in pixels (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=16,
                         help="images sampled at once; 1 reproduces txt2img.py bit for bit (default 16)")
