@@ -74,6 +74,16 @@ def write_random_lora(pipe, path) -> None:
     save_lora(path, unet=pipe.unet)
 
 
+def write_run_config(path, config: dict, **sections):
+    """Write a training run config: ``config`` with each ``section=dict`` merged into it, as YAML at ``path``."""
+    import yaml
+
+    for section, values in sections.items():
+        config.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 @pytest.fixture
 def pipe():
     return tiny_pipeline()

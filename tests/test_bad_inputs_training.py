@@ -17,7 +17,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import tiny_pipeline
+from conftest import tiny_pipeline, write_run_config
 from ldm.cli.convert_checkpoint import main as convert_main
 from ldm.cli.train import main as train_main
 from ldm.errors import ConfigError
@@ -56,11 +56,7 @@ def write_config(root: Path, name: str, **sections) -> Path:
                      "train_text_encoder": False},
         "output": {"path": str(root / name / "model"), "dtype": "float32"},
     }
-    for section, values in sections.items():
-        config.setdefault(section, {}).update(values)
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return write_run_config(root / f"{name}.yaml", config, **sections)
 
 
 def one_line(text: str) -> str:

@@ -14,10 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
-from conftest import tiny_pipeline, write_bad_image_folder
+from conftest import tiny_pipeline, write_bad_image_folder, write_run_config
 from ldm.training import run_state
 from ldm.errors import ConfigError
 from ldm.training.run_config import apply_overrides, parse_run_config, read_run_config
@@ -61,11 +60,7 @@ def write_config(root: Path, name: str, **sections) -> Path:
                      "checkpoint_every": 3, "ema_decay": 0.9, "train_text_encoder": False},
         "output": {"path": str(root / name / "model"), "dtype": "float32"},
     }
-    for section, values in sections.items():
-        config.setdefault(section, {}).update(values)
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return write_run_config(root / f"{name}.yaml", config, **sections)
 
 
 # ---------------------------------------------------------------------- config
