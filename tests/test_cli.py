@@ -237,3 +237,29 @@ def test_empty_mask_is_one_line_and_exit_code_2(tmp_path, model_dir, pictures):
     assert result.returncode == 2
     assert "the mask is empty" in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_from_png_regenerates_the_same_image(tmp_path, model_dir):
+    from ldm.images import read_a1111_parameters
+
+    script = load_script()
+    assert script.main(["a (red:1.2) bicycle", "--negative-prompt", "blurry", "--model", str(model_dir),
+                        "--steps", "3", "--sampler", "Euler a", "--scale", "4", "--seed", "11", "--clip-skip", "2",
+                        "--karras", "--outdir", str(tmp_path / "first"), "--quiet"]) == 0
+    first = next((tmp_path / "first").glob("*.png"))
+    assert script.main(["--from-png", str(first), "--model", str(model_dir), "--outdir", str(tmp_path / "again"),
+                        "--quiet"]) == 0
+    again = next((tmp_path / "again").glob("*.png"))
+    assert list(Image.open(again).getdata()) == list(Image.open(first).getdata())
+    assert read_a1111_parameters(Image.open(again).info["parameters"]) == \
+        read_a1111_parameters(Image.open(first).info["parameters"])
+    assert script.main(["--from-png", str(first), "--seed", "12", "--model", str(model_dir),
+                        "--outdir", str(tmp_path / "other"), "--quiet"]) == 0  # flags given win
+    assert "Seed: 12" in Image.open(next((tmp_path / "other").glob("*.png"))).info["parameters"]
+
+
+def test_from_png_without_parameters_is_one_line_and_exit_code_2(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    result = run_cli("--from-png", str(tmp_path / "plain.png"))
+    assert result.returncode == 2 and "carries no AUTOMATIC1111 parameters" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

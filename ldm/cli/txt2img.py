@@ -49,7 +49,7 @@ def build_parser(mode: str = "txt2img") -> argparse.ArgumentParser:
         "encoded in chunks of 75 tokens and joined.",
     )
     parser.add_argument("prompt", nargs="?", help="what to draw (or use --from-file)")
-    parser.add_argument("--negative-prompt", default="", help="what to steer away from")
+    parser.add_argument("--negative-prompt", help="what to steer away from (default: nothing)")
     parser.add_argument("--from-file", type=Path, help="read prompts from this file, one per line")
     parser.add_argument("--model", help="model folder (ours or diffusers), original single-file checkpoint "
                         "(.safetensors/.ckpt) or hub id; default: the shipped model")
@@ -68,9 +68,9 @@ def build_parser(mode: str = "txt2img") -> argparse.ArgumentParser:
     parser.add_argument("--eta", type=finite_float, help="DDIM eta: 0 deterministic, 1 ancestral (default 0)")
     parser.add_argument("--clip-skip", type=int, help="AUTOMATIC1111's Clip skip: 1 = the text encoder's own "
                         "layer, 2 = one block earlier (default: the model's, usually 1)")
-    parser.add_argument("--seed", type=seed_argument, default=0,
-                        help=f"seed of the first image, 0 to 2**64-1; image k uses seed+k. {RANDOM_SEED}: a random "
-                        "seed, recorded in the file names and PNG parameters like a given one")
+    parser.add_argument("--seed", type=seed_argument,
+                        help=f"seed of the first image, 0 to 2**64-1 (default 0); image k uses seed+k. {RANDOM_SEED}: "
+                        "a random seed, recorded in the file names and PNG parameters like a given one")
     parser.add_argument("--n-samples", type=int, default=1, help=f"images per prompt (at most {MAX_SAMPLES})")
     parser.add_argument("--batch-size", type=int, default=1,
                         help="images sampled together as one batch (faster on a GPU). 1 (default): each image "
@@ -100,11 +100,14 @@ def build_parser(mode: str = "txt2img") -> argparse.ArgumentParser:
     if mode == "txt2img":
         parser.add_argument("--hires-scale", type=finite_float, help="hires fix (AUTOMATIC1111): generate, upscale by "
                             "this factor, then redraw at --hires-strength")
-        parser.add_argument("--hires-strength", type=finite_float, default=0.5, help="hires fix: denoising strength of "
+        parser.add_argument("--hires-strength", type=finite_float, help="hires fix: denoising strength of "
                             "the second pass, in (0, 1] (default 0.5)")
-        parser.add_argument("--hires-upscaler", choices=("latent", "lanczos"), default="latent",
+        parser.add_argument("--hires-upscaler", choices=("latent", "lanczos"),
                             help="hires fix: upscale the latents (bilinear) or the decoded image (Lanczos)")
         parser.add_argument("--hires-steps", type=int, help="hires fix: steps of the second pass (default --steps)")
+        parser.add_argument("--from-png", type=Path, metavar="FILE",
+                            help="take prompt, negative prompt, steps, sampler, schedule, CFG scale, seed, size, clip "
+                            "skip and hires fix from a PNG's AUTOMATIC1111 parameters (flags given here win)")
     if mode == "img2img":
         parser.add_argument("--init-img", type=Path, required=True, help="the image to start from")
         parser.add_argument("--strength", type=finite_float, default=0.75,
@@ -188,6 +191,9 @@ def check_image_arguments(parser: argparse.ArgumentParser, args: argparse.Namesp
 
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
     """Validate what argparse cannot; return the prompts."""
+    if getattr(args, "from_png", None) is not None:
+        apply_png_parameters(parser, args)
+    fill_defaults(args)
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
     for flag, value in (("--H", args.height), ("--W", args.width)):
@@ -213,6 +219,50 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     prompts = read_prompts(parser, args)
     check_seeds(parser, args, len(prompts) * args.n_samples)
     return prompts
+
+
+def fill_defaults(args: argparse.Namespace) -> None:
+    """Defaults of the options --from-png may fill (they are None until then)."""
+    args.negative_prompt = "" if args.negative_prompt is None else args.negative_prompt
+    args.seed = 0 if args.seed is None else args.seed
+    if hasattr(args, "hires_strength"):
+        args.hires_strength = 0.5 if args.hires_strength is None else args.hires_strength
+        args.hires_upscaler = args.hires_upscaler or "latent"
+
+
+def apply_png_parameters(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fill every option not given on the command line from the AUTOMATIC1111 parameters of --from-png."""
+    from ldm.images import read_a1111_parameters
+
+    text = open_image(parser, "--from-png", args.from_png).info.get("parameters")
+    if not text:
+        parser.error(f"--from-png {args.from_png} carries no AUTOMATIC1111 parameters")
+    fields = read_a1111_parameters(text)
+    if "Denoising strength" in fields and "Hires upscale" not in fields:
+        parser.error(f"--from-png {args.from_png} was made from an image (img2img or inpainting): "
+                     "use img2img.py or inpaint.py with that image")
+
+    def fill(option: str, key: str, convert) -> None:
+        if getattr(args, option) is None and key in fields:
+            try:
+                setattr(args, option, convert(fields[key]))
+            except (ValueError, KeyError, IndexError, argparse.ArgumentTypeError):
+                parser.error(f"--from-png {args.from_png}: cannot read {key}: {fields[key]!r}")
+
+    def size(part: int):
+        return lambda value: int(value.lower().split("x")[part])
+
+    for option, key, convert in (
+        ("prompt", "Prompt", str), ("negative_prompt", "Negative prompt", str), ("steps", "Steps", int),
+        ("sampler", "Sampler", sampler_name), ("scale", "CFG scale", finite_float), ("seed", "Seed", seed_argument),
+        ("width", "Size", size(0)), ("height", "Size", size(1)), ("clip_skip", "Clip skip", int),
+        ("karras", "Schedule type", lambda value: {"karras": True, "automatic": None}[value.lower()]),
+        ("hires_scale", "Hires upscale", finite_float), ("hires_steps", "Hires steps", int),
+        ("hires_upscaler", "Hires upscaler", lambda value: {"latent": "latent", "lanczos": "lanczos"}[value.lower()]),
+    ):
+        fill(option, key, convert)
+    if "Hires upscale" in fields:
+        fill("hires_strength", "Denoising strength", finite_float)
 
 
 def read_prompts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
