@@ -40,6 +40,7 @@ from ldm.image_inputs import (HIRES_UPSCALERS, ImageCondition, blur_mask, check_
 from ldm.sampling.samplers import SAMPLERS, final_latents, initial_latents
 from ldm.sampling.schedule import NoiseSchedule
 from ldm.sampling.signal_leak import SignalLeak
+from ldm.sampling.variation import Variation
 from ldm.models.builder import build_components, fill_derived_buffers
 from ldm.models.prompt_encoding import chunk_count, encode_prompts
 from ldm.models.unet import UNetModel
@@ -277,6 +278,8 @@ class Txt2ImgPipeline:
         karras: bool | None = None,
         signal_leak: bool | None = None,
         clip_skip: int | None = None,
+        subseed: int | None = None,
+        subseed_strength: float = 0.0,
         image: Image.Image | None = None,
         strength: float | None = None,
         mask_image: Image.Image | None = None,
@@ -309,6 +312,9 @@ class Txt2ImgPipeline:
                 ``latents=`` that make its StableDiffusionPipeline draw the same image.
             clip_skip: AUTOMATIC1111's "Clip skip": 1 (default) = the text encoder's own output layer,
                 2 = one block earlier (SD1 models trained that way), ...
+            subseed, subseed_strength: AUTOMATIC1111's variation seed: image ``i``'s noise is slerped
+                (:mod:`ldm.sampling.variation`) towards the noise of seed ``subseed + i`` by
+                ``subseed_strength`` in [0, 1] (0: the seed's image, 1: the variation seed's noise).
             image: img2img (SDEdit): encode this image, noise it to the level ``strength`` selects
                 and run the rest of the chain (about ``steps * strength`` steps), as diffusers'
                 StableDiffusionImg2ImgPipeline does, generator use included (posterior sample, then noise).
@@ -347,7 +353,11 @@ class Txt2ImgPipeline:
                               integers={"steps": steps, "height": height, "width": width, "hires_steps": hires_steps,
                                         "only_masked_padding": only_masked_padding},
                               reals={"strength": strength, "mask_blur": mask_blur, "hires_scale": hires_scale,
-                                     "hires_strength": hires_strength})
+                                     "hires_strength": hires_strength, "subseed_strength": subseed_strength})
+        if subseed is not None:
+            _check_seed(subseed, num_images if isinstance(prompt, str) else len(prompt), name="subseed")
+            if not 0 <= subseed_strength <= 1:
+                raise ArgumentError(f"subseed_strength must be in [0, 1], got {subseed_strength}")
         original_image, region = image, None
         if image is not None and (height is None or width is None):
             default_width, default_height = default_size(image, self.vae.downsample_factor)
@@ -374,12 +384,14 @@ class Txt2ImgPipeline:
             done_before = start * steps_run
             report = (lambda done, d=done_before: progress(d + done, total_steps)) if progress else None
             batch = (prompts[start:start + chunk], negatives[start:start + chunk], seeds[start:start + chunk])
-            z = self._generate(*batch, options, report, condition)
+            variation = None if subseed is None else Variation(
+                tuple(subseed + s - seed for s in batch[2]), subseed_strength)  # image i: subseed + i
+            z = self._generate(*batch, options, report, condition, variation)
             if hires is not None:
                 first_pass = options.steps
                 report = (lambda done, d=done_before: progress(d + first_pass + done, total_steps)) if progress else None
                 z = self._generate(*batch, hires, report, self.hires_condition(z, hires, hires_upscaler,
-                                                                              hires_strength, vae_tiling))
+                                                                              hires_strength, vae_tiling), variation)
             images.append(self.decode(z, tiled=vae_tiling))
         images = torch.cat(images)
         if condition is None or condition.mask is None or not (paste_back or only_masked):
@@ -458,7 +470,8 @@ class Txt2ImgPipeline:
         return self.config.unet.in_channels == 2 * self.config.vae.latent_channels + 1
 
     def _generate(self, prompts: list[str], negatives: list[str], seeds: list[int], options,
-                  progress: Callable[[int], None] | None, condition: ImageCondition | None = None) -> torch.Tensor:
+                  progress: Callable[[int], None] | None, condition: ImageCondition | None = None,
+                  variation: Variation | None = None) -> torch.Tensor:
         """Algorithm 2 for one batch: final latents ``z [B, C, h, w]`` (float32, diffusers' scale)."""
         # Classifier-free guidance (Ho & Salimans 2022): one batched U-Net call on [uncond, cond].
         # Prompt and negative prompt padded to the same number of chunks, as AUTOMATIC1111 does.
@@ -470,10 +483,10 @@ class Txt2ImgPipeline:
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         sigmas = self.schedule.sampling_sigmas(options.steps, sampler=options.sampler, karras=options.karras)
         if condition is None:
-            x, model, put_back = self.starting_point(generators, sigmas, options), self.unet_prediction, None
+            x, model, put_back = self.starting_point(generators, sigmas, options, variation), self.unet_prediction, None
         else:
             sigmas = sigmas[steps_to_skip(options.steps, condition.strength):]
-            x, model, put_back = self.image_start(condition, generators, sigmas, options)
+            x, model, put_back = self.image_start(condition, generators, sigmas, options, variation)
         denoiser = DiscreteDenoiser(model, self.schedule, self.config.schedule.prediction,
                                     round_timesteps=options.karras and spec.diffusers_rounds_karras_timesteps)
         denoise = cfg_denoiser(denoiser, context, uncond_context, options.guidance_scale)
@@ -489,7 +502,7 @@ class Txt2ImgPipeline:
         return final_latents(x, sigmas, sampler=options.sampler)
 
     def image_start(self, condition: ImageCondition, generators: list[torch.Generator], sigmas: torch.Tensor,
-                    options) -> tuple[torch.Tensor, Callable, Callable | None]:
+                    options, variation: Variation | None = None) -> tuple[torch.Tensor, Callable, Callable | None]:
         """img2img / inpainting: the starting point, the U-Net function and the per-step put-back.
 
         Draws from each row's generator in diffusers' order: the image's posterior sample (unless an
@@ -505,7 +518,7 @@ class Txt2ImgPipeline:
             image_latents = self.encode_rows(condition.image.to(self.device, self.vae_dtype), generators)
         else:
             image_latents = None
-        noise = self.initial_noise(generators, options.height, options.width)
+        noise = self.initial_noise(generators, options.height, options.width, variation)
         if condition.starts_from_noise:
             x = self.starting_point_from_noise(noise, generators, sigmas, options)
         else:
@@ -569,9 +582,10 @@ class Txt2ImgPipeline:
         """The U-Net in its own dtype, with float32 in and out for the sampler's arithmetic."""
         return self.unet(x.to(self.dtype, memory_format=self.memory_format), t, context.to(self.dtype)).float()
 
-    def starting_point(self, generators: list[torch.Generator], sigmas: torch.Tensor, options) -> torch.Tensor:
+    def starting_point(self, generators: list[torch.Generator], sigmas: torch.Tensor, options,
+                       variation: Variation | None = None) -> torch.Tensor:
         """``x [B, C, h, w]`` at ``sigmas[0]`` on the sigma scale: scaled noise, plus the signal leak if any."""
-        noise = self.initial_noise(generators, options.height, options.width)
+        noise = self.initial_noise(generators, options.height, options.width, variation)
         return self.starting_point_from_noise(noise, generators, sigmas, options)
 
     def starting_point_from_noise(self, noise: torch.Tensor, generators: list[torch.Generator], sigmas: torch.Tensor,
@@ -600,11 +614,15 @@ class Txt2ImgPipeline:
                                 timestep_spacing=self.config.schedule.timestep_spacing)
         return self.starting_point(generators, sigmas, options) / scale
 
-    def initial_noise(self, generators: list[torch.Generator], height: int, width: int) -> torch.Tensor:
-        """Unit Gaussian noise ``[B, C, H/f, W/f]``, row ``i`` drawn from ``generators[i]`` on the CPU."""
+    def initial_noise(self, generators: list[torch.Generator], height: int, width: int,
+                      variation: Variation | None = None) -> torch.Tensor:
+        """Unit Gaussian noise ``[B, C, H/f, W/f]``, row ``i`` drawn from ``generators[i]`` on the CPU;
+        with a ``variation``, row ``i`` is slerped towards the noise of its variation seed."""
         f = self.vae.downsample_factor
         shape = (self.config.vae.latent_channels, height // f, width // f)
         rows = [torch.randn((1, *shape), generator=g, dtype=torch.float32) for g in generators]
+        if variation is not None:
+            rows = [variation.mix(row, i) for i, row in enumerate(rows)]
         return torch.cat(rows).to(self.device)
 
     def sampling_options(self, *, signal_leak: bool | None = None, **overrides) -> SamplingDefaults:
@@ -684,11 +702,11 @@ def _describe(value) -> str:
     return text if len(text) <= 60 else f"{text[:57]}... ({type(value).__name__})"
 
 
-def _check_seed(seed, count: int) -> None:
+def _check_seed(seed, count: int, name: str = "seed") -> None:
     """:class:`ArgumentError` unless ``seed`` .. ``seed + count - 1`` are all seeds torch takes."""
-    _check_integer("seed", seed, 0, MAX_SEED)
+    _check_integer(name, seed, 0, MAX_SEED)
     if seed + count - 1 > MAX_SEED:
-        raise ArgumentError(f"seed {seed} with {count} images needs seeds up to {seed + count - 1}, "
+        raise ArgumentError(f"{name} {seed} with {count} images needs seeds up to {seed + count - 1}, "
                             f"past the largest, 2**64 - 1")
 
 

@@ -263,3 +263,19 @@ def test_from_png_without_parameters_is_one_line_and_exit_code_2(tmp_path):
     result = run_cli("--from-png", str(tmp_path / "plain.png"))
     assert result.returncode == 2 and "carries no AUTOMATIC1111 parameters" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_variation_seeds_are_recorded_per_image_and_regenerated_from_the_png(tmp_path, model_dir):
+    from ldm.images import read_a1111_parameters
+
+    script = load_script()
+    assert script.main(["a red star", "--model", str(model_dir), "--steps", "2", "--seed", "3", "--subseed", "40",
+                        "--subseed-strength", "0.3", "--n-samples", "2", "--no-grid", "--outdir", str(tmp_path / "v"),
+                        "--quiet"]) == 0
+    pngs = sorted((tmp_path / "v").glob("*.png"))
+    fields = [read_a1111_parameters(Image.open(p).info["parameters"]) for p in pngs]
+    assert [f["Variation seed"] for f in fields] == ["40", "41"] and fields[1]["Variation seed strength"] == "0.3"
+    assert script.main(["--from-png", str(pngs[1]), "--model", str(model_dir), "--outdir", str(tmp_path / "again"),
+                        "--quiet"]) == 0
+    again = next((tmp_path / "again").glob("*.png"))
+    assert list(Image.open(again).getdata()) == list(Image.open(pngs[1]).getdata())

@@ -71,6 +71,9 @@ def build_parser(mode: str = "txt2img") -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=seed_argument,
                         help=f"seed of the first image, 0 to 2**64-1 (default 0); image k uses seed+k. {RANDOM_SEED}: "
                         "a random seed, recorded in the file names and PNG parameters like a given one")
+    parser.add_argument("--subseed", type=seed_argument, help="variation seed (AUTOMATIC1111): image k's noise "
+                        "is moved towards the noise of subseed+k by --subseed-strength")
+    parser.add_argument("--subseed-strength", type=finite_float, help="variation strength in [0, 1] (default 0)")
     parser.add_argument("--n-samples", type=int, default=1, help=f"images per prompt (at most {MAX_SAMPLES})")
     parser.add_argument("--batch-size", type=int, default=1,
                         help="images sampled together as one batch (faster on a GPU). 1 (default): each image "
@@ -218,13 +221,25 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     check_text(parser, "--negative-prompt", args.negative_prompt)
     prompts = read_prompts(parser, args)
     check_seeds(parser, args, len(prompts) * args.n_samples)
+    check_variation(parser, args, len(prompts) * args.n_samples)
     return prompts
+
+
+def check_variation(parser: argparse.ArgumentParser, args: argparse.Namespace, images: int) -> None:
+    """--subseed -1 draws a random variation seed; the strength must be in [0, 1] and the seeds fit."""
+    if not 0 <= args.subseed_strength <= 1:
+        parser.error(f"--subseed-strength must be in [0, 1], got {args.subseed_strength:g}")
+    if args.subseed == RANDOM_SEED:
+        args.subseed = secrets.randbelow(2**32)
+    if args.subseed is not None and args.subseed + images - 1 > MAX_SEED:
+        parser.error(f"--subseed {args.subseed} with {images} images needs seeds past the largest, 2**64 - 1")
 
 
 def fill_defaults(args: argparse.Namespace) -> None:
     """Defaults of the options --from-png may fill (they are None until then)."""
     args.negative_prompt = "" if args.negative_prompt is None else args.negative_prompt
     args.seed = 0 if args.seed is None else args.seed
+    args.subseed_strength = 0.0 if args.subseed_strength is None else args.subseed_strength
     if hasattr(args, "hires_strength"):
         args.hires_strength = 0.5 if args.hires_strength is None else args.hires_strength
         args.hires_upscaler = args.hires_upscaler or "latent"
@@ -254,6 +269,7 @@ def apply_png_parameters(parser: argparse.ArgumentParser, args: argparse.Namespa
 
     for option, key, convert in (
         ("prompt", "Prompt", str), ("negative_prompt", "Negative prompt", str), ("steps", "Steps", int),
+        ("subseed", "Variation seed", seed_argument), ("subseed_strength", "Variation seed strength", finite_float),
         ("sampler", "Sampler", sampler_name), ("scale", "CFG scale", finite_float), ("seed", "Seed", seed_argument),
         ("width", "Size", size(0)), ("height", "Size", size(1)), ("clip_skip", "Clip skip", int),
         ("karras", "Schedule type", lambda value: {"karras": True, "automatic": None}[value.lower()]),
@@ -417,13 +433,14 @@ def generate(args: argparse.Namespace, prompts: list[str]) -> int:
                              guidance_scale=options.guidance_scale, sampler=options.sampler, seed=seed,
                              height=options.height, width=options.width, num_images=count, eta=options.eta,
                              karras=options.karras, signal_leak=options.signal_leak is not None,
-                             clip_skip=options.clip_skip, progress=lambda done, total: advance(bar, done, total),
+                             clip_skip=options.clip_skip, subseed=subseed_of(args, seed),
+                             subseed_strength=args.subseed_strength, progress=lambda done, total: advance(bar, done, total),
                              batch_invariant=args.batch_size == 1, vae_tiling=args.vae_tiling, **image_inputs)
             for offset, image in enumerate(batch):
                 parameters = a1111_parameters(
                     prompt, args.negative_prompt, steps=options.steps, sampler=options.sampler,
                     guidance_scale=options.guidance_scale, seed=seed + offset, width=options.width,
-                    height=options.height, karras=options.karras, extra=extra,
+                    height=options.height, karras=options.karras, extra=image_fields(extra, args, seed + offset),
                 )
                 print(save_png(image, args.outdir, str(seed + offset), parameters), flush=True)
             images.extend(batch)
@@ -442,6 +459,19 @@ def save_png(image, outdir: Path, stem_suffix: str, parameters: str | None = Non
         return save_new_png(image, outdir, stem_suffix, parameters)
     except OSError as error:
         raise OutputError(f"cannot write into --outdir {outdir}: {error.strerror or error}") from None
+
+
+def image_fields(extra: dict, args: argparse.Namespace, seed: int) -> dict:
+    """The run's PNG fields plus this image's own: its variation seed (subseed + its offset), as the web UI writes."""
+    subseed = subseed_of(args, seed)
+    if subseed is None:
+        return extra
+    return {**extra, "Variation seed": subseed, "Variation seed strength": f"{args.subseed_strength:g}"}
+
+
+def subseed_of(args: argparse.Namespace, seed: int) -> int | None:
+    """The variation seed of the image with ``seed`` (subseed + the image's offset from --seed), or None."""
+    return None if args.subseed is None or args.subseed_strength == 0 else args.subseed + seed - args.seed
 
 
 def advance(bar, done: int, total: int) -> None:
