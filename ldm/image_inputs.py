@@ -30,6 +30,8 @@ from ldm.errors import ImageInputError
 
 logger = logging.getLogger(__name__)
 
+REPAINT_LEVEL = 128  # mask grey levels at or above this repaint (diffusers binarises at 0.5 of white)
+
 
 # ---------------------------------------------------------------------------------------- conversion
 
@@ -56,8 +58,12 @@ def mask_to_tensor(mask: Image.Image, width: int, height: int) -> torch.Tensor:
     mask = mask.convert("L")
     if mask.size != (width, height):
         mask = mask.resize((width, height), resample=Image.LANCZOS)
-    grey = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None, None]
-    return (grey >= 0.5).float()
+    return torch.from_numpy(repaint_pixels(mask)).float()[None, None]
+
+
+def repaint_pixels(mask: Image.Image) -> np.ndarray:
+    """``[H, W]`` bool: where ``mask`` asks for repainting, grey >= :data:`REPAINT_LEVEL` (0.5 of white)."""
+    return np.asarray(mask.convert("L")) >= REPAINT_LEVEL
 
 
 def latent_mask(mask: torch.Tensor, downsample_factor: int) -> torch.Tensor:
@@ -112,8 +118,14 @@ class ImageCondition:
 def blur_mask(mask: Image.Image, radius: float) -> Image.Image:
     """The mask binarised as sampling sees it (grey >= 128 -> 255), then Gaussian-blurred by ``radius``
     pixels (AUTOMATIC1111's "Mask blur"; 0 leaves it sharp)."""
-    sharp = mask.convert("L").point(lambda value: 255 if value >= 128 else 0)
+    sharp = Image.fromarray(repaint_pixels(mask).astype(np.uint8) * 255)
     return sharp.filter(ImageFilter.GaussianBlur(radius)) if radius > 0 else sharp
+
+
+def mask_at_size(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """The mask in grey levels (``"L"``), resized to ``size`` when it differs (:func:`check_mask` warns of that)."""
+    mask = mask.convert("L")
+    return mask if mask.size == size else mask.resize(size)
 
 
 def check_mask(mask: Image.Image, image: Image.Image) -> None:
@@ -121,7 +133,7 @@ def check_mask(mask: Image.Image, image: Image.Image) -> None:
     if mask.size != image.size:
         logger.warning("the mask is %dx%d but the image is %dx%d: resizing the mask to the image",
                        *mask.size, *image.size)
-    if not np.any(np.asarray(mask.convert("L")) >= 128):
+    if not repaint_pixels(mask).any():
         raise ImageInputError("the mask is empty: nothing is white (white = repaint)")
 
 
@@ -147,7 +159,7 @@ Box = tuple[int, int, int, int]  # (left, top, right, bottom) in pixels, right/b
 
 def mask_box(mask: Image.Image) -> Box:
     """The smallest box holding every repaint pixel (grey >= 128) of ``mask``."""
-    rows, cols = np.nonzero(np.asarray(mask.convert("L")) >= 128)
+    rows, cols = np.nonzero(repaint_pixels(mask))
     if rows.size == 0:
         raise ImageInputError("the mask is empty: nothing is white (white = repaint)")
     return int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1

@@ -35,14 +35,14 @@ from ldm.sampling.denoiser import DiscreteDenoiser, cfg_denoiser
 from ldm.errors import ArgumentError, CheckpointError, ConfigError, ImageInputError
 from ldm.hardware import check_device
 from ldm.image_inputs import (HIRES_UPSCALERS, ImageCondition, blur_mask, check_mask, default_size, image_to_tensor,
-                              latent_mask, mask_to_tensor, only_masked_region, paste_into, steps_to_skip,
+                              latent_mask, mask_at_size, mask_to_tensor, only_masked_region, paste_into, steps_to_skip,
                               upscale_images, upscale_latents)
 from ldm.sampling.samplers import SAMPLERS, final_latents, initial_latents
 from ldm.sampling.schedule import NoiseSchedule
 from ldm.sampling.signal_leak import SignalLeak
 from ldm.sampling.variation import Variation
 from ldm.models.builder import build_components, fill_derived_buffers
-from ldm.models.prompt_encoding import chunk_count, encode_prompts
+from ldm.models.prompt_encoding import encode_prompts
 from ldm.models.unet import UNetModel
 
 logger = logging.getLogger(__name__)
@@ -254,12 +254,12 @@ class Txt2ImgPipeline:
     # ------------------------------------------------------------------ generation
 
     @torch.no_grad()
-    def encode_prompt(self, prompts: Sequence[str], *, min_chunks: int = 1, clip_skip: int = 1) -> torch.Tensor:
+    def encode_prompt(self, prompts: Sequence[str], *, clip_skip: int = 1) -> torch.Tensor:
         """Prompts in AUTOMATIC1111's language -> cross-attention context ``[B, chunks * L, D]`` in the
-        U-Net's dtype (:mod:`ldm.models.prompt_encoding`: weights, BREAK, 75-token chunks; a plain
-        prompt of at most ``L - 2`` tokens gives exactly the text encoder's ``[B, L, D]``)."""
-        return encode_prompts(self.text_encoder, list(prompts), min_chunks=min_chunks,
-                              clip_skip=clip_skip).to(self.dtype)
+        U-Net's dtype (:mod:`ldm.models.prompt_encoding`: weights, BREAK, 75-token chunks, all prompts
+        padded to the longest's chunk count; a plain prompt of at most ``L - 2`` tokens gives exactly
+        the text encoder's ``[B, L, D]``)."""
+        return encode_prompts(self.text_encoder, list(prompts), clip_skip=clip_skip).to(self.dtype)
 
     @torch.no_grad()
     def __call__(
@@ -408,7 +408,7 @@ class Txt2ImgPipeline:
         if image is None or mask_image is None:
             raise ImageInputError("only_masked needs an image and a mask_image")
         check_mask(mask_image, image)
-        mask_image = mask_image.convert("L").resize(image.size) if mask_image.size != image.size else mask_image
+        mask_image = mask_at_size(mask_image, image.size)
         return mask_image, only_masked_region(mask_image, padding, options.width, options.height)
 
     @staticmethod
@@ -416,8 +416,7 @@ class Txt2ImgPipeline:
                    region: tuple[int, int, int, int] | None) -> list[Image.Image]:
         """Generated ``images [B, 3, H, W]`` composited over ``image`` with the blurred mask, in uint8 so that
         pixels outside the mask are the input's exactly; ``region``: where an only-masked crop goes."""
-        mask_image = mask_image.convert("L").resize(image.size) if mask_image.size != image.size else mask_image
-        soft_mask = blur_mask(mask_image, mask_blur)
+        soft_mask = blur_mask(mask_at_size(mask_image, image.size), mask_blur)
         return [paste_into(image, generated, soft_mask, region) for generated in to_pil(images)]
 
     def image_condition(self, image: Image.Image | None, mask_image: Image.Image | None,
@@ -474,11 +473,10 @@ class Txt2ImgPipeline:
                   variation: Variation | None = None) -> torch.Tensor:
         """Algorithm 2 for one batch: final latents ``z [B, C, h, w]`` (float32, diffusers' scale)."""
         # Classifier-free guidance (Ho & Salimans 2022): one batched U-Net call on [uncond, cond].
-        # Prompt and negative prompt padded to the same number of chunks, as AUTOMATIC1111 does.
+        # Prompts and negative prompts encoded together: padded to the same number of chunks, as AUTOMATIC1111 does.
         guided = options.guidance_scale != 1
-        chunks = max(chunk_count(self.text_encoder.tokenizer, p) for p in prompts + (negatives if guided else []))
-        context = self.encode_prompt(prompts, min_chunks=chunks, clip_skip=options.clip_skip)
-        uncond_context = self.encode_prompt(negatives, min_chunks=chunks, clip_skip=options.clip_skip) if guided else None
+        contexts = self.encode_prompt(prompts + negatives if guided else prompts, clip_skip=options.clip_skip)
+        context, uncond_context = contexts[:len(prompts)], (contexts[len(prompts):] if guided else None)
         spec = SAMPLERS[options.sampler]
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         sigmas = self.schedule.sampling_sigmas(options.steps, sampler=options.sampler, karras=options.karras)

@@ -40,7 +40,7 @@ def test_empty_prompt_is_one_empty_piece():
 
 import torch  # noqa: E402
 
-from ldm.models.prompt_encoding import chunk_count, encode_prompts, split_into_chunks  # noqa: E402
+from ldm.models.prompt_encoding import encode_prompts, split_into_chunks  # noqa: E402
 from tests.conftest import tiny_pipeline  # noqa: E402
 
 
@@ -62,7 +62,7 @@ def test_plain_short_prompt_gives_exactly_the_old_conditioning(encoder):
 def test_long_prompts_are_chunked_and_their_end_matters(encoder):
     long = words(140) + " in the rain"
     other = words(140) + " in the snow"
-    assert chunk_count(encoder.tokenizer, long) == 2
+    assert len(split_into_chunks(encoder.tokenizer, long)) == 2
     a, b = encode_prompts(encoder, [long]), encode_prompts(encoder, [other])
     assert a.shape == (1, 2 * 77, encoder.config.width)
     assert torch.equal(a[:, :77], b[:, :77]) and not torch.equal(a[:, 77:], b[:, 77:])

@@ -220,19 +220,10 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     check_outdir(parser, args.outdir)
     check_text(parser, "--negative-prompt", args.negative_prompt)
     prompts = read_prompts(parser, args)
-    check_seeds(parser, args, len(prompts) * args.n_samples)
-    check_variation(parser, args, len(prompts) * args.n_samples)
-    return prompts
-
-
-def check_variation(parser: argparse.ArgumentParser, args: argparse.Namespace, images: int) -> None:
-    """--subseed -1 draws a random variation seed; the strength must be in [0, 1] and the seeds fit."""
     if not 0 <= args.subseed_strength <= 1:
         parser.error(f"--subseed-strength must be in [0, 1], got {args.subseed_strength:g}")
-    if args.subseed == RANDOM_SEED:
-        args.subseed = secrets.randbelow(2**32)
-    if args.subseed is not None and args.subseed + images - 1 > MAX_SEED:
-        parser.error(f"--subseed {args.subseed} with {images} images needs seeds past the largest, 2**64 - 1")
+    check_seeds(parser, args, len(prompts) * args.n_samples)
+    return prompts
 
 
 def fill_defaults(args: argparse.Namespace) -> None:
@@ -313,13 +304,21 @@ def check_text(parser: argparse.ArgumentParser, what: str, text: str) -> None:
 
 
 def check_seeds(parser: argparse.ArgumentParser, args: argparse.Namespace, images: int) -> None:
-    """Draw the --seed -1 random seed; refuse a run whose last image's seed (seed + images - 1) is past 2**64 - 1."""
+    """--seed and --subseed: draw the ones given as -1, refuse runs whose last image's seed is past 2**64 - 1."""
     args.random_seed = args.seed == RANDOM_SEED
-    if args.random_seed:
-        args.seed = secrets.randbelow(2**32)  # AUTOMATIC1111 draws 32-bit seeds too
-    last = args.seed + images - 1
+    args.seed = first_seed(parser, "--seed", args.seed, images)
+    if args.subseed is not None:
+        args.subseed = first_seed(parser, "--subseed", args.subseed, images)
+
+
+def first_seed(parser: argparse.ArgumentParser, flag: str, seed: int, images: int) -> int:
+    """``seed``, or a random one for -1; one line when ``seed + images - 1`` is past the largest seed."""
+    if seed == RANDOM_SEED:
+        seed = secrets.randbelow(2**32)  # AUTOMATIC1111 draws 32-bit seeds too
+    last = seed + images - 1
     if last > MAX_SEED:
-        parser.error(f"--seed {args.seed} with {images} images needs seeds up to {last}, past the largest, 2**64 - 1")
+        parser.error(f"{flag} {seed} with {images} images needs seeds up to {last}, past the largest, 2**64 - 1")
+    return seed
 
 
 def check_outdir(parser: argparse.ArgumentParser, outdir: Path) -> None:
@@ -434,7 +433,8 @@ def generate(args: argparse.Namespace, prompts: list[str]) -> int:
                              height=options.height, width=options.width, num_images=count, eta=options.eta,
                              karras=options.karras, signal_leak=options.signal_leak is not None,
                              clip_skip=options.clip_skip, subseed=subseed_of(args, seed),
-                             subseed_strength=args.subseed_strength, progress=lambda done, total: advance(bar, done, total),
+                             subseed_strength=args.subseed_strength,
+                             progress=lambda done, total: advance(bar, done, total),
                              batch_invariant=args.batch_size == 1, vae_tiling=args.vae_tiling, **image_inputs)
             for offset, image in enumerate(batch):
                 parameters = a1111_parameters(

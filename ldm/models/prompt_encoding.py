@@ -80,18 +80,18 @@ def chunk_ids(tokenizer, chunk: Chunk) -> tuple[list[int], list[float]]:
     return ids, [1.0, *chunk.weights, 1.0] + [1.0] * pad
 
 
-def encode_prompts(text_encoder, prompts: Sequence[str], *, min_chunks: int = 1, clip_skip: int = 1) -> Tensor:
+def encode_prompts(text_encoder, prompts: Sequence[str], *, clip_skip: int = 1) -> Tensor:
     """Prompts -> conditioning ``[B, chunks * max_length, D]``, every prompt padded with encodings of
-    the empty prompt to the same number of chunks (at least ``min_chunks``); ``clip_skip`` as in
-    :func:`ldm.models.text_encoders.blocks_used`."""
+    the empty prompt to the chunk count of the longest (so a prompt and its negative, encoded in one
+    call, line up); ``clip_skip`` as in :func:`ldm.models.text_encoders.blocks_used`."""
     tokenizer = text_encoder.tokenizer
+    device = next(text_encoder.parameters()).device
     per_prompt = [split_into_chunks(tokenizer, prompt) for prompt in prompts]
-    count = max(min_chunks, *(len(chunks) for chunks in per_prompt))
+    count = max(len(chunks) for chunks in per_prompt)
     rows = []
     for chunks in per_prompt:
         chunks = chunks + [Chunk()] * (count - len(chunks))
         ids, weights = zip(*(chunk_ids(tokenizer, chunk) for chunk in chunks))
-        device = next(text_encoder.parameters()).device
         hidden = text_encoder(torch.tensor(ids, device=device), clip_skip=clip_skip)  # [chunks, L, D]
         rows.append(emphasise(hidden, torch.tensor(weights, device=device)).reshape(1, -1, hidden.shape[-1]))
     return torch.cat(rows)
@@ -106,7 +106,3 @@ def emphasise(hidden: Tensor, weights: Tensor) -> Tensor:
     weighted = hidden * weights[..., None].to(hidden.dtype)
     return weighted * (original_mean / weighted.float().mean()).to(hidden.dtype)
 
-
-def chunk_count(tokenizer, prompt: str) -> int:
-    """How many chunks ``prompt`` takes (the pipeline pads prompt and negative prompt to the same)."""
-    return len(split_into_chunks(tokenizer, prompt))
