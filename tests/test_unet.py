@@ -30,6 +30,13 @@ SD2_PARAMS = {  # configs/stable-diffusion/v2-inference-v.yaml
     "channel_mult": [1, 2, 4, 4], "num_head_channels": 64, "use_spatial_transformer": True,
     "use_linear_in_transformer": True, "transformer_depth": 1, "context_dim": 1024, "legacy": False,
 }
+X4_PARAMS = {  # configs/stable-diffusion/x4-upscaling.yaml (the SD 2 x4 upscaler)
+    "use_checkpoint": True, "num_classes": 1000, "image_size": 128, "in_channels": 7, "out_channels": 4,
+    "model_channels": 256, "attention_resolutions": [2, 4, 8], "num_res_blocks": 2, "channel_mult": [1, 2, 2, 4],
+    "disable_self_attentions": [True, True, True, False], "disable_middle_self_attn": False, "num_heads": 8,
+    "use_spatial_transformer": True, "transformer_depth": 1, "context_dim": 1024, "legacy": False,
+    "use_linear_in_transformer": True,
+}
 
 # Tiny SD1 style: conv proj_in/out, a fixed head count, no attention at full resolution.
 TINY_SD1 = UNetConfig(model_channels=32, channel_mult=(1, 2), attention_resolutions=(2,), num_heads=2,
@@ -39,6 +46,13 @@ TINY_SD1 = UNetConfig(model_channels=32, channel_mult=(1, 2), attention_resoluti
 TINY_SD2 = UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(1, 2),
                       num_heads=-1, num_head_channels=8, context_dim=24, transformer_depth=2,
                       use_linear_in_transformer=True, upcast_attention=True, norm_groups=8)
+# Tiny x4-upscaler style: 7 input channels (latents + low-resolution RGB), a noise-level label embedding,
+# and the first attention of each block turned into cross-attention on the levels that say so.
+TINY_X4 = UNetConfig(in_channels=7, model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+                     attention_resolutions=(2, 4), num_heads=4, context_dim=24, use_linear_in_transformer=True,
+                     norm_groups=8, num_classes=1000, disable_self_attentions=(True, True, False))
+TINY_CONFIGS = [TINY_SD1, TINY_SD2, TINY_X4]
+TINY_IDS = ["sd1-style", "sd2-style", "x4-style"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -118,7 +132,7 @@ def test_attention_uses_sdpa_on_cpu_even_with_xformers(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("config", [TINY_SD1, TINY_SD2], ids=["sd1-style", "sd2-style"])
+@pytest.mark.parametrize("config", TINY_CONFIGS, ids=TINY_IDS)
 def test_forward_matches_diffusers(config):
     ours = UNetModel(config).eval()
     _randomize(ours)
@@ -126,18 +140,19 @@ def test_forward_matches_diffusers(config):
     theirs.load_state_dict(to_diffusers(ours.state_dict(), config), strict=True)
 
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 4, 16, 16, generator=g)
+    x = torch.randn(2, config.in_channels, 16, 16, generator=g)
     t = torch.tensor([3.7, 811.25])  # fractional timesteps
     context = torch.randn(2, 7, config.context_dim, generator=g)
+    labels = torch.tensor([20, 349]) if config.num_classes else None
     with torch.no_grad():
-        expected = theirs(x, t, encoder_hidden_states=context).sample
-        actual = ours(x, t, context)
+        expected = theirs(x, t, encoder_hidden_states=context, class_labels=labels).sample
+        actual = ours(x, t, context, class_labels=labels)
     assert actual.shape == (2, 4, 16, 16)
     assert expected.abs().max() > 0.1  # a meaningful output, not zeros
     assert (actual - expected).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("config", [TINY_SD1, TINY_SD2], ids=["sd1-style", "sd2-style"])
+@pytest.mark.parametrize("config", TINY_CONFIGS, ids=TINY_IDS)
 def test_diffusers_config_round_trip(config):
     kwargs = diffusers_config(config)
     assert config_from_diffusers(kwargs) == config
@@ -162,8 +177,9 @@ def test_config_from_diffusers_rejects_unsupported_features():
                                "down_block_types": ["DownBlock2D", "SimpleCrossAttnDownBlock2D"]})
 
 
-@pytest.mark.parametrize("params, expected_count", [(SD1_PARAMS, 859_520_964), (SD2_PARAMS, 865_910_724)],
-                         ids=["sd1", "sd2"])
+@pytest.mark.parametrize("params, expected_count", [(SD1_PARAMS, 859_520_964), (SD2_PARAMS, 865_910_724),
+                                                   (X4_PARAMS, 473_398_020)],
+                         ids=["sd1", "sd2", "x4-upscaler"])
 def test_full_layout_keys_map_one_to_one(params, expected_count):
     config = unet_config_from_compvis(params)
     with torch.device("meta"):
@@ -221,8 +237,10 @@ def test_from_compvis_reads_yaml_params():
     assert sd1 == UNetConfig()
     assert (sd2.num_heads, sd2.num_head_channels) == (-1, 64)
     assert (sd2.context_dim, sd2.use_linear_in_transformer) == (1024, True)
+    x4 = unet_config_from_compvis(X4_PARAMS)
+    assert (x4.in_channels, x4.num_classes, x4.disable_self_attentions) == (7, 1000, (True, True, True, False))
     with pytest.raises(ValueError, match="num_classes"):
-        unet_config_from_compvis({**SD2_PARAMS, "num_classes": 1000})
+        unet_config_from_compvis({**SD2_PARAMS, "num_classes": "sequential"})  # SDXL's vector conditioning
     with pytest.raises(ValueError, match="use_scale_shift_norm"):
         unet_config_from_compvis({**SD1_PARAMS, "use_scale_shift_norm": True})
     with pytest.raises(ValueError, match="mystery_option"):

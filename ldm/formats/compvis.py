@@ -88,6 +88,8 @@ _UNET_FIELDS = {
     "transformer_depth": "transformer_depth",
     "use_linear_in_transformer": "use_linear_in_transformer",
     "upcast_attention": "upcast_attention",
+    "num_classes": "num_classes",  # an int: label embedding (the x4 upscaler's noise level)
+    "disable_self_attentions": "disable_self_attentions",
 }
 # CompVis options whose only supported value is the one given (None also accepted for None).
 _UNET_REQUIRED: dict[str, Any] = {
@@ -97,11 +99,9 @@ _UNET_REQUIRED: dict[str, Any] = {
     "dropout": 0.0,
     "use_scale_shift_norm": False,
     "resblock_updown": False,
-    "num_classes": None,
     "n_embed": None,
     "adm_in_channels": None,
     "num_attention_blocks": None,
-    "disable_self_attentions": None,
     "disable_middle_self_attn": False,
     "transformer_depth_middle": None,
 }
@@ -155,6 +155,11 @@ def unet_config_from_compvis(params: Mapping[str, Any]) -> UNetConfig:
         if len(depths) != 1:
             raise ValueError(f"per-level transformer_depth {list(depth)} is not supported")
         kwargs["transformer_depth"] = depths.pop()
+    if not isinstance(kwargs.get("num_classes", 0), (int, type(None))):
+        raise ValueError(f"unsupported CompVis U-Net option num_classes={kwargs['num_classes']!r} "
+                         "(supported: an integer; SDXL's 'sequential' label embedding is not supported)")
+    if kwargs.get("disable_self_attentions") is not None and not any(kwargs["disable_self_attentions"]):
+        kwargs["disable_self_attentions"] = None
     if "context_dim" in kwargs and kwargs["context_dim"] is None:
         raise ValueError("context_dim=None (a U-Net without cross-attention) is not supported")
     return UNetConfig(**kwargs)

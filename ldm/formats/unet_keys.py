@@ -68,7 +68,8 @@ def diffusers_config(cfg: UNetConfig, *, sample_size: int | None = 64) -> dict[s
         "down_block_types": down,
         "mid_block_type": "UNetMidBlock2DCrossAttn",
         "up_block_types": up,
-        "only_cross_attention": False,
+        "only_cross_attention": list(cfg.disable_self_attentions) if cfg.disable_self_attentions else False,
+        "num_class_embeds": cfg.num_classes,
         "block_out_channels": tuple(cfg.level_channels(level) for level in range(cfg.num_levels)),
         "layers_per_block": cfg.num_res_blocks,
         "downsample_padding": 1,
@@ -92,7 +93,6 @@ _DIFFUSERS_REQUIRED: dict[str, Any] = {
     "flip_sin_to_cos": True,
     "freq_shift": 0,
     "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "only_cross_attention": False,
     "downsample_padding": 1,
     "mid_block_scale_factor": 1,
     "dropout": 0.0,
@@ -105,7 +105,6 @@ _DIFFUSERS_REQUIRED: dict[str, Any] = {
     "class_embed_type": None,
     "addition_embed_type": None,
     "addition_time_embed_dim": None,
-    "num_class_embeds": None,
     "resnet_time_scale_shift": "default",
     "resnet_skip_time_act": False,
     "resnet_out_scale_factor": 1.0,
@@ -126,6 +125,7 @@ _DIFFUSERS_READ = {
     "in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
     "layers_per_block", "norm_num_groups", "cross_attention_dim", "transformer_layers_per_block",
     "attention_head_dim", "num_attention_heads", "use_linear_projection", "upcast_attention",
+    "only_cross_attention", "num_class_embeds",
 }
 # UNet2DConditionModel defaults for keys a config.json may omit.
 _DIFFUSERS_DEFAULT_DOWN = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
@@ -218,8 +218,18 @@ def config_from_diffusers(d: Mapping[str, Any]) -> UNetConfig:
         use_linear_in_transformer=bool(d.get("use_linear_projection", False)),
         upcast_attention=bool(d.get("upcast_attention", False)),
         norm_groups=d.get("norm_num_groups", 32),
+        num_classes=d.get("num_class_embeds"),
+        disable_self_attentions=_only_cross_attention(d.get("only_cross_attention", False), len(channels)),
         **_head_settings(d, channels, attention_levels),
     )
+
+
+def _only_cross_attention(value: bool | list[bool] | None, levels: int) -> tuple[bool, ...] | None:
+    """diffusers' ``only_cross_attention`` (one bool or one per level) -> our per-level flags (None: all off)."""
+    flags = tuple(bool(v) for v in value) if isinstance(value, (list, tuple)) else (bool(value),) * levels
+    if len(flags) != levels:
+        raise ValueError(f"only_cross_attention {list(flags)} needs one flag per level ({levels})")
+    return flags if any(flags) else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,6 +252,8 @@ def module_map(cfg: UNetConfig) -> dict[str, str]:
         "time_embed.2": "time_embedding.linear_2",
         "input_blocks.0.0": "conv_in",
     }
+    if cfg.num_classes is not None:
+        pairs["label_emb"] = "class_embedding"
     index = 1
     for level in range(cfg.num_levels):
         for j in range(cfg.num_res_blocks):

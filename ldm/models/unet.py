@@ -69,6 +69,11 @@ class UNetConfig:
         use_linear_in_transformer: ``proj_in``/``proj_out`` are Linear (SD2) instead of 1x1 conv.
         upcast_attention: compute attention in float32 (SD 2.1 in half precision).
         norm_groups: groups of every GroupNorm.
+        num_classes: size of a label embedding added to the time embedding (CompVis ``label_emb``,
+            diffusers ``class_embedding``); the SD x4 upscaler uses 1000 for its noise level. None: no labels.
+        disable_self_attentions: per level, whether the first attention of each transformer block attends
+            to the text context instead of the image (CompVis ``disable_self_attentions``, diffusers
+            ``only_cross_attention``; the SD x4 upscaler sets it on its first three levels). None: never.
     """
 
     in_channels: int = 4
@@ -84,9 +89,13 @@ class UNetConfig:
     use_linear_in_transformer: bool = False
     upcast_attention: bool = False
     norm_groups: int = 32
+    num_classes: int | None = None
+    disable_self_attentions: tuple[bool, ...] | None = None
 
     def __post_init__(self) -> None:
         self.channel_mult = tuple(int(m) for m in self.channel_mult)
+        if self.disable_self_attentions is not None:
+            self.disable_self_attentions = tuple(bool(flag) for flag in self.disable_self_attentions)
         # A set of factors; kept in the CompVis YAML order (4, 2, 1) so equal configs compare equal.
         self.attention_resolutions = tuple(sorted({int(r) for r in self.attention_resolutions}, reverse=True))
         self._validate()
@@ -109,6 +118,10 @@ class UNetConfig:
         """Whether the blocks at ``level`` carry a SpatialTransformer."""
         return 2**level in self.attention_resolutions
 
+    def only_cross_attention(self, level: int) -> bool:
+        """Whether the transformers at ``level`` replace self-attention by a second cross-attention."""
+        return bool(self.disable_self_attentions) and self.disable_self_attentions[level]
+
     def heads_for(self, channels: int) -> tuple[int, int]:
         """``(num_heads, head_dim)`` of a SpatialTransformer on ``channels`` channels."""
         if self.num_head_channels > 0:
@@ -122,6 +135,11 @@ class UNetConfig:
         d = dataclasses.asdict(self)
         d["channel_mult"] = list(self.channel_mult)
         d["attention_resolutions"] = list(self.attention_resolutions)
+        for optional in ("num_classes", "disable_self_attentions"):  # absent from configs that do not use them
+            if d[optional] is None:
+                del d[optional]
+        if self.disable_self_attentions is not None:
+            d["disable_self_attentions"] = list(self.disable_self_attentions)
         return d
 
     @classmethod
@@ -138,6 +156,11 @@ class UNetConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not self.channel_mult:
             raise ValueError("channel_mult must name at least one level")
+        if self.num_classes is not None and self.num_classes <= 0:
+            raise ValueError(f"num_classes must be positive or null, got {self.num_classes}")
+        if self.disable_self_attentions is not None and len(self.disable_self_attentions) != self.num_levels:
+            raise ValueError(f"disable_self_attentions needs one flag per level ({self.num_levels}), "
+                             f"got {len(self.disable_self_attentions)}")
         reachable = {2**level for level in range(self.num_levels)}
         stray = sorted(set(self.attention_resolutions) - reachable)
         if stray:
@@ -302,13 +325,18 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """Pre-norm transformer block: self-attention, cross-attention on context, GEGLU MLP."""
+    """Pre-norm transformer block: self-attention, cross-attention on context, GEGLU MLP.
+
+    With ``only_cross_attention`` the first attention also attends to the context (CompVis
+    ``disable_self_attn``, used by the SD x4 upscaler's high-resolution levels).
+    """
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, context_dim: int,
-                 upcast: bool = False) -> None:
+                 upcast: bool = False, only_cross_attention: bool = False) -> None:
         super().__init__()
+        self.only_cross_attention = only_cross_attention
         # Registration order follows CompVis so state dicts list keys in the same order.
-        self.attn1 = CrossAttention(dim, None, num_heads, head_dim, upcast)
+        self.attn1 = CrossAttention(dim, context_dim if only_cross_attention else None, num_heads, head_dim, upcast)
         self.ff = FeedForward(dim)
         self.attn2 = CrossAttention(dim, context_dim, num_heads, head_dim, upcast)
         self.norm1 = nn.LayerNorm(dim)
@@ -317,7 +345,7 @@ class BasicTransformerBlock(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         """x ``[B, L, dim]``, context ``[B, Lc, context_dim]`` -> ``[B, L, dim]``."""
-        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn1(self.norm1(x), context if self.only_cross_attention else None)
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -330,14 +358,15 @@ class SpatialTransformer(_Checkpointable):
     """
 
     def __init__(self, channels: int, num_heads: int, head_dim: int, depth: int, context_dim: int,
-                 use_linear: bool, upcast: bool, norm_groups: int) -> None:
+                 use_linear: bool, upcast: bool, norm_groups: int, only_cross_attention: bool = False) -> None:
         super().__init__()
         inner = num_heads * head_dim
         self.use_linear = use_linear
         self.norm = GroupNorm32(norm_groups, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, inner) if use_linear else nn.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(inner, num_heads, head_dim, context_dim, upcast) for _ in range(depth)
+            BasicTransformerBlock(inner, num_heads, head_dim, context_dim, upcast, only_cross_attention)
+            for _ in range(depth)
         )
         self.proj_out = _zero(nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1))
 
@@ -414,6 +443,8 @@ class UNetModel(nn.Module):
         base, emb_dim = config.model_channels, config.time_embed_dim
 
         self.time_embed = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if config.num_classes is not None:
+            self.label_emb = nn.Embedding(config.num_classes, emb_dim)
 
         self.input_blocks = nn.ModuleList(
             [TimestepEmbedSequential(nn.Conv2d(config.in_channels, base, 3, padding=1))]
@@ -432,7 +463,7 @@ class UNetModel(nn.Module):
 
         self.middle_block = TimestepEmbedSequential(
             ResBlock(channels, emb_dim, channels, config.norm_groups),
-            self._transformer(channels),
+            self._transformer(channels, only_cross_attention=False),  # CompVis disable_middle_self_attn: False
             ResBlock(channels, emb_dim, channels, config.norm_groups),
         )
 
@@ -453,18 +484,19 @@ class UNetModel(nn.Module):
             _zero(nn.Conv2d(channels, config.out_channels, 3, padding=1)),
         )
 
-    def _transformer(self, channels: int) -> SpatialTransformer:
+    def _transformer(self, channels: int, *, only_cross_attention: bool) -> SpatialTransformer:
         cfg = self.config
         num_heads, head_dim = cfg.heads_for(channels)
         return SpatialTransformer(channels, num_heads, head_dim, cfg.transformer_depth, cfg.context_dim,
-                                  cfg.use_linear_in_transformer, cfg.upcast_attention, cfg.norm_groups)
+                                  cfg.use_linear_in_transformer, cfg.upcast_attention, cfg.norm_groups,
+                                  only_cross_attention)
 
     def _res_and_attention(self, in_channels: int, out_channels: int, level: int) -> list[nn.Module]:
         layers: list[nn.Module] = [
             ResBlock(in_channels, self.config.time_embed_dim, out_channels, self.config.norm_groups)
         ]
         if self.config.has_attention(level):
-            layers.append(self._transformer(out_channels))
+            layers.append(self._transformer(out_channels, only_cross_attention=self.config.only_cross_attention(level)))
         return layers
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
@@ -473,13 +505,15 @@ class UNetModel(nn.Module):
             if isinstance(module, _Checkpointable):
                 module.gradient_checkpointing = enabled
 
-    def forward(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, context: Tensor, class_labels: Tensor | None = None) -> Tensor:
         """Predict noise (or v) for noisy latents.
 
         Args:
-            x: ``[B, in_channels, H, W]`` noisy latents.
+            x: ``[B, in_channels, H, W]`` noisy latents (with any concatenated conditioning channels).
             t: ``[B]`` (or scalar) timesteps in ``[0, T)``, may be fractional.
             context: ``[B, L, context_dim]`` cross-attention tokens.
+            class_labels: ``[B]`` (or scalar) integer labels in ``[0, num_classes)``; required exactly when
+                the config has ``num_classes`` (the x4 upscaler's noise level).
 
         Returns:
             ``[B, out_channels, H, W]``.
@@ -492,6 +526,7 @@ class UNetModel(nn.Module):
             t = t.expand(x.shape[0])
         weight_dtype = self.time_embed[0].weight.dtype
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(weight_dtype))
+        emb = emb + self._label_embedding(class_labels, x)
 
         h = x
         skips = []
@@ -502,6 +537,16 @@ class UNetModel(nn.Module):
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
         return self.out(h)
+
+    def _label_embedding(self, class_labels: Tensor | None, x: Tensor) -> Tensor | float:
+        """``label_emb(y) [B, time_embed_dim]`` added to the time embedding (0 without labels)."""
+        if (class_labels is None) != (self.config.num_classes is None):
+            raise ValueError("class_labels must be given exactly when the U-Net has num_classes "
+                             f"(num_classes={self.config.num_classes})")
+        if class_labels is None:
+            return 0.0
+        labels = torch.as_tensor(class_labels, device=x.device).long()
+        return self.label_emb(labels.expand(x.shape[0]) if labels.ndim == 0 else labels)
 
 
 __all__ = [
