@@ -21,6 +21,7 @@ from ldm.sampling.schedule import ScheduleConfig
 from ldm.sampling.signal_leak import SignalLeak
 from ldm.models.text_encoders import TextEncoderConfig
 from ldm.models.unet import UNetConfig
+from ldm.upscaling import UpscaleConfig
 
 
 @dataclass
@@ -59,6 +60,7 @@ SECTION_CLASSES = {
     "schedule": ScheduleConfig,
     "sampling": SamplingDefaults,
 }
+OPTIONAL_SECTIONS = {"upscale": UpscaleConfig}  # present only in the configs of models that use them
 
 
 @dataclass
@@ -70,20 +72,29 @@ class PipelineConfig:
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
+    upscale: UpscaleConfig | None = None  # a super-resolution model (ldm.upscaling); None: text-to-image
+
+    @property
+    def is_upscaler(self) -> bool:
+        return self.upscale is not None
 
     def to_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name).to_dict() for name in SECTION_CLASSES}
+        sections = {name: getattr(self, name) for name in [*SECTION_CLASSES, *OPTIONAL_SECTIONS]}
+        return {name: section.to_dict() for name, section in sections.items() if section is not None}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> "PipelineConfig":
         """Build from nested dicts; errors name the offending dotted key and the source."""
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: expected a mapping at the top level, got {type(d).__name__}")
-        unknown = sorted(set(d) - set(SECTION_CLASSES))
+        known = {**SECTION_CLASSES, **OPTIONAL_SECTIONS}
+        unknown = sorted(set(d) - set(known))
         if unknown:
-            raise ConfigError(f"{source}: unknown key {unknown[0]!r} (expected some of {sorted(SECTION_CLASSES)})")
+            raise ConfigError(f"{source}: unknown key {unknown[0]!r} (expected some of {sorted(known)})")
         sections = {}
-        for name, config_class in SECTION_CLASSES.items():
+        for name, config_class in known.items():
+            if name in OPTIONAL_SECTIONS and d.get(name) is None:
+                continue
             values = d.get(name) or {}
             try:
                 sections[name] = config_class.from_dict(values)

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from ldm.sampling.registry import SAMPLER_INFO
+from ldm.sampling.registry import SAMPLER_INFO, SCHEDULE_LABELS
 
 
 def a1111_parameters(
@@ -34,17 +34,30 @@ def a1111_parameters(
     height: int,
     karras: bool = False,
     extra: dict[str, Any] | None = None,
+    schedule: str | None = None,
 ) -> str:
-    """The ``parameters`` text AUTOMATIC1111 writes for one image."""
+    """The ``parameters`` text AUTOMATIC1111 writes for one image.
+
+    ``schedule`` (a name of :data:`ldm.sampling.registry.SCHEDULE_LABELS`) is written as the web UI's
+    label ("Schedule type: Karras"). The web UI's "Automatic" means the sampler's own preference
+    (Karras for DPM++ 2M), so our ``"default"`` chain, which is none of its schedule types, is not
+    written as "Automatic": the field is left out. Without ``schedule``, ``karras`` picks "Karras" or
+    "Automatic" (callers that predate schedule types).
+    """
+    if schedule is None:
+        schedule_label = "Karras" if karras else "Automatic"
+    else:
+        schedule_label = SCHEDULE_LABELS[schedule]
     fields = {
         "Steps": steps,
         "Sampler": SAMPLER_INFO[sampler].a1111_name if sampler in SAMPLER_INFO else sampler,
-        "Schedule type": "Karras" if karras else "Automatic",
+        "Schedule type": schedule_label,
         "CFG scale": f"{guidance_scale:g}",
         "Seed": seed,
         "Size": f"{width}x{height}",
     }
     fields.update(extra or {})
+    fields = {key: value for key, value in fields.items() if value is not None}
     lines = [prompt]
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")

@@ -14,6 +14,7 @@ Face hub id when there is a network.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import numbers
@@ -30,6 +31,7 @@ from autoencoder.model import AutoencoderKL
 from ldm.formats import checkpoints
 from ldm.formats.diffusers_folder import load_diffusers_folder, save_diffusers_folder
 from ldm.formats.single_file import read_single_file
+from ldm.formats.textual_inversion import read_embedding, read_embeddings_folder
 from ldm.config import PipelineConfig, SamplingDefaults, load_config, save_config
 from ldm.sampling.denoiser import DiscreteDenoiser, cfg_denoiser
 from ldm.errors import ArgumentError, CheckpointError, ConfigError, ImageInputError
@@ -37,13 +39,16 @@ from ldm.hardware import check_device
 from ldm.image_inputs import (HIRES_UPSCALERS, ImageCondition, blur_mask, check_mask, default_size, image_to_tensor,
                               latent_mask, mask_at_size, mask_to_tensor, only_masked_region, paste_into, steps_to_skip,
                               upscale_images, upscale_latents)
+from ldm.sampling.registry import resolve_sampler_name, resolve_schedule_name
 from ldm.sampling.samplers import SAMPLERS, final_latents, initial_latents
-from ldm.sampling.schedule import NoiseSchedule
+from ldm.sampling.schedule import LCM_ORIGINAL_STEPS, NoiseSchedule
 from ldm.sampling.signal_leak import SignalLeak
 from ldm.sampling.variation import Variation
 from ldm.models.builder import build_components, fill_derived_buffers
-from ldm.models.prompt_encoding import encode_prompts
+from ldm.models.prompt_encoding import ContextSchedule, encode_prompts, schedule_contexts
 from ldm.models.unet import UNetModel
+from ldm.upscaling import LowResAugmentation, LowResCondition, check_noise_level
+from ldm.sampling.classifier_guidance import ClassifierGuidance, classifier_guided
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +61,8 @@ AUTO_TILING_PIXELS = 1024 * 1024  # decode in tiles above this image area (memor
 MAX_IMAGES_PER_CALL = 10_000  # a sanity limit on num_images (and prompt lists): beyond it, a typo
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes [0, 2**64) (it wraps negative seeds around)
 ProgressFn = Callable[[int, int], None]  # (steps done, total steps)
+PreviewFn = Callable[[torch.Tensor], None]  # (denoised estimate x0 [B, C, h, w] after a step)
+InterruptFn = Callable[[], bool]  # polled after each step: True stops the sampler there
 
 
 class Txt2ImgPipeline:
@@ -251,7 +258,50 @@ class Txt2ImgPipeline:
         self.unet.compile(**options)
         return self
 
+    def load_textual_inversion(self, path: str | Path, token: str | None = None) -> list[str]:
+        """Load textual-inversion embeddings (diffusers' method name): ``path`` is one file (an
+        AUTOMATIC1111 ``.pt`` / ``.safetensors`` or a diffusers ``learned_embeds`` file) or a folder of
+        them (the web UI's embeddings folder). A file's trigger word is ``token``, else the token a
+        diffusers file names, else the file's stem; a folder's files are triggered by their stems.
+        The trigger then works in prompts and negative prompts. Returns the trigger words loaded.
+
+        Raises:
+            CheckpointError: a missing, corrupt or unsafe file, or vectors whose width does not fit this
+                model's text encoder (e.g. an SD1 embedding on an SD2 model).
+        """
+        path = Path(path).expanduser()
+        if path.is_dir():
+            if token is not None:
+                raise ArgumentError("token names the trigger of one embedding file, not of a folder")
+            embeddings = read_embeddings_folder(path)
+        else:
+            embeddings = [read_embedding(path, token)]
+        for embedding in embeddings:
+            try:
+                self.text_encoder.add_embedding(embedding.token, embedding.vectors)
+            except ValueError as error:
+                raise CheckpointError(f"{path}: {error}") from None
+        return [embedding.token for embedding in embeddings]
+
     # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def conditioning(self, prompts: list[str], negatives: list[str] | None, options, *,
+                     hires_base_steps: int | None = None) -> tuple:
+        """The guidance contexts of one batch: ``(cond, uncond or None)``, each ``[B, chunks * L, D]``,
+        or a :class:`ldm.models.prompt_encoding.ContextSchedule` when a prompt changes during sampling
+        (prompt editing ``[a:b:when]``, alternation ``[a|b]``). Prompts and negative prompts are encoded
+        in one call: padded to the same number of chunks, as AUTOMATIC1111 does."""
+        texts = prompts + (negatives or [])
+        contexts = schedule_contexts(self.text_encoder, texts, options.steps, clip_skip=options.clip_skip,
+                                     hires_base_steps=hires_base_steps)
+        if isinstance(contexts, ContextSchedule):
+            contexts = ContextSchedule(contexts.contexts.to(self.dtype), contexts.rows)
+            cond = ContextSchedule(contexts.contexts, contexts.rows[:len(prompts)])
+            uncond = ContextSchedule(contexts.contexts, contexts.rows[len(prompts):]) if negatives else None
+            return cond, uncond
+        contexts = contexts.to(self.dtype)
+        return contexts[:len(prompts)], (contexts[len(prompts):] if negatives else None)
 
     @torch.no_grad()
     def encode_prompt(self, prompts: Sequence[str], *, clip_skip: int = 1) -> torch.Tensor:
@@ -276,10 +326,12 @@ class Txt2ImgPipeline:
         num_images: int = 1,
         eta: float | None = None,
         karras: bool | None = None,
+        schedule: str | None = None,
         signal_leak: bool | None = None,
         clip_skip: int | None = None,
         subseed: int | None = None,
         subseed_strength: float = 0.0,
+        seed_resize_from: tuple[int, int] | None = None,
         image: Image.Image | None = None,
         strength: float | None = None,
         mask_image: Image.Image | None = None,
@@ -292,6 +344,10 @@ class Txt2ImgPipeline:
         hires_upscaler: str = "latent",
         hires_steps: int | None = None,
         progress: ProgressFn | None = None,
+        preview: PreviewFn | None = None,
+        interrupt: InterruptFn | None = None,
+        classifier_guidance: ClassifierGuidance | None = None,
+        classifier_scale: float = 0.0,
         output_type: str = "pil",
         batch_invariant: bool = True,
         vae_tiling: bool | None = None,
@@ -303,6 +359,10 @@ class Txt2ImgPipeline:
             negative_prompt: what to steer away from (the unconditional half of guidance).
             steps, guidance_scale, sampler, height, width, eta, karras: default to the model's
                 ``config.sampling`` values (height and width to the image's size when one is given).
+            schedule: the spacing of the sigma chain (AUTOMATIC1111's "Schedule type"): ``"default"`` (the
+                sampler's diffusers chain), ``"karras"``, ``"exponential"``, ``"uniform"``, ``"sgm_uniform"``,
+                ``"simple"``, ``"beta"``, or the web UI's labels ("Karras", "SGM Uniform", "Automatic": the
+                sampler's own preference there). ``None``: ``"karras"`` if ``karras`` else ``"default"``.
             seed: image ``i`` uses initial noise from ``torch.Generator("cpu").manual_seed(seed + i)``,
                 exactly as diffusers does with that generator, so image ``i`` of a batch is the
                 image generated alone with seed ``seed + i``.
@@ -315,6 +375,9 @@ class Txt2ImgPipeline:
             subseed, subseed_strength: AUTOMATIC1111's variation seed: image ``i``'s noise is slerped
                 (:mod:`ldm.sampling.variation`) towards the noise of seed ``subseed + i`` by
                 ``subseed_strength`` in [0, 1] (0: the seed's image, 1: the variation seed's noise).
+            seed_resize_from: AUTOMATIC1111's "Resize seed from" ``(height, width)`` in pixels: draw each
+                seed's noise (and its variation) at that size and paste it, centred, into the noise at the
+                generation size, to keep a seed's composition at another size (:meth:`initial_noise`).
             image: img2img (SDEdit): encode this image, noise it to the level ``strength`` selects
                 and run the rest of the chain (about ``steps * strength`` steps), as diffusers'
                 StableDiffusionImg2ImgPipeline does, generator use included (posterior sample, then noise).
@@ -338,6 +401,16 @@ class Txt2ImgPipeline:
                 (default ``steps``) and the same seed. Text-to-image only.
             progress: optional ``progress(done, total)`` called after each step (``total`` counts
                 the steps of all images).
+            preview: optional ``preview(x0)`` called after each step with the sampler's denoised
+                estimate ``x0 [B, C, h, w]`` (latents on the decoder's scale: :meth:`decode` shows them).
+            classifier_guidance, classifier_scale: classifier guidance (Dhariwal & Nichol 2021,
+                :mod:`ldm.sampling.classifier_guidance`): a noise-aware classifier and the class to draw; every
+                denoised estimate (after classifier-free guidance) moves by ``classifier_scale * sigma^2 *
+                grad log p(class | x)``. Works with any sampler, any prompt (an empty one: the unconditional
+                model), and with classifier-free guidance. Scale 0 (default) turns it off.
+            interrupt: optional ``interrupt()`` polled after each step; when it returns True the sampler
+                stops there and that image is decoded from its current denoised estimate (AUTOMATIC1111's
+                Interrupt): the call returns the images finished so far plus that one.
             batch_invariant: sample images one at a time so that results never depend on the batch
                 (default). ``False`` runs all images as one batch: faster on a GPU, equal to within
                 float rounding.
@@ -354,6 +427,10 @@ class Txt2ImgPipeline:
                                         "only_masked_padding": only_masked_padding},
                               reals={"strength": strength, "mask_blur": mask_blur, "hires_scale": hires_scale,
                                      "hires_strength": hires_strength, "subseed_strength": subseed_strength})
+        classifier = self.classifier_options(classifier_guidance, classifier_scale)
+        if self.config.is_upscaler:
+            raise ArgumentError("this is a super-resolution model: it needs a small image to enlarge "
+                                "(pipe.upscale(image, prompt), scripts/upscale.py)")
         if subseed is not None:
             _check_seed(subseed, num_images if isinstance(prompt, str) else len(prompt), name="subseed")
             if not 0 <= subseed_strength <= 1:
@@ -363,7 +440,8 @@ class Txt2ImgPipeline:
             default_width, default_height = default_size(image, self.vae.downsample_factor)
             height, width = height or default_height, width or default_width
         options = self.sampling_options(steps=steps, guidance_scale=guidance_scale, sampler=sampler,
-                                        height=height, width=width, eta=eta, karras=karras, signal_leak=signal_leak,
+                                        height=height, width=width, eta=eta, karras=karras, schedule=schedule,
+                                        signal_leak=signal_leak, seed_resize_from=seed_resize_from,
                                         clip_skip=clip_skip)
         if only_masked:
             full_mask, region = self.only_masked_crop(image, mask_image, only_masked_padding, options)
@@ -386,13 +464,17 @@ class Txt2ImgPipeline:
             batch = (prompts[start:start + chunk], negatives[start:start + chunk], seeds[start:start + chunk])
             variation = None if subseed is None else Variation(
                 tuple(subseed + s - seed for s in batch[2]), subseed_strength)  # image i: subseed + i
-            z = self._generate(*batch, options, report, condition, variation)
-            if hires is not None:
+            z = self._generate(*batch, options, report, condition, variation, preview=preview, interrupt=interrupt,
+                               **classifier)
+            if hires is not None and not (interrupt is not None and interrupt()):
                 first_pass = options.steps
                 report = (lambda done, d=done_before: progress(d + first_pass + done, total_steps)) if progress else None
                 z = self._generate(*batch, hires, report, self.hires_condition(z, hires, hires_upscaler,
-                                                                              hires_strength, vae_tiling), variation)
+                                                                              hires_strength, vae_tiling), variation,
+                                   preview=preview, interrupt=interrupt, hires_base_steps=options.steps, **classifier)
             images.append(self.decode(z, tiled=vae_tiling))
+            if interrupt is not None and interrupt():
+                break
         images = torch.cat(images)
         if condition is None or condition.mask is None or not (paste_back or only_masked):
             return images if output_type == "pt" else to_pil(images)
@@ -400,6 +482,103 @@ class Txt2ImgPipeline:
             image, mask_image = original_image, full_mask
         pasted = self.paste_back(images, image, mask_image, mask_blur, region)
         return pasted if output_type != "pt" else torch.stack([pil_to_tensor(p) for p in pasted])
+
+    @torch.no_grad()
+    def upscale(
+        self,
+        image: Image.Image | Sequence[Image.Image],
+        prompt: str | Sequence[str] = "",
+        negative_prompt: str | Sequence[str] = "",
+        *,
+        noise_level: int | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        sampler: str | None = None,
+        seed: int = 0,
+        eta: float | None = None,
+        karras: bool | None = None,
+        progress: ProgressFn | None = None,
+        output_type: str = "pil",
+        vae_tiling: bool | None = None,
+    ) -> list[Image.Image] | torch.Tensor:
+        """Super-resolution with a super-resolution model (SD's x4 upscaler or the default cascade's stage):
+        each image comes back ``vae.downsample_factor`` times larger, its detail drawn by diffusion
+        conditioned on the image (noise-augmented to ``noise_level``, :mod:`ldm.upscaling`) and the prompt.
+
+        The same sampling core as :meth:`__call__`, and the same generator use as diffusers'
+        StableDiffusionUpscalePipeline: image ``i`` uses ``torch.Generator("cpu").manual_seed(seed + i)``,
+        first for the augmentation noise, then for the latents' noise.
+
+        Args:
+            image: one image or a list (one output each); sides multiples of the U-Net's downsampling.
+            prompt, negative_prompt: one text for all images, or one per image.
+            noise_level: augmentation level in ``[0, upscale.max_noise_level]``; default the model's
+                (20, as diffusers). Higher hides more of the input's artefacts and invents more.
+            steps, guidance_scale, sampler, eta, karras: default to the model's ``config.sampling``.
+            progress, output_type, vae_tiling: as in :meth:`__call__`.
+
+        Raises:
+            ArgumentError / ImageInputError: not a super-resolution model, a wrong image, level or prompt.
+        """
+        if not self.config.is_upscaler:
+            raise ArgumentError("this model is not a super-resolution model (its config has no upscale section); "
+                                "use pipe(prompt, image=...) for img2img")
+        images = [image] if isinstance(image, Image.Image) else list(image)
+        if not images or not all(isinstance(im, Image.Image) for im in images):
+            raise ImageInputError("image must be a PIL image or a non-empty list of them")
+        prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
+        negatives = [negative_prompt] * len(images) if isinstance(negative_prompt, str) else list(negative_prompt)
+        if not len(prompts) == len(negatives) == len(images):
+            raise ArgumentError(f"{len(images)} images need one prompt (and negative prompt) each or a single one")
+        _check_call_arguments(prompts, negatives, seed, len(images), integers={"steps": steps}, reals={})
+        level = self.config.upscale.noise_level if noise_level is None else noise_level
+        try:
+            check_noise_level(level, self.config.upscale.max_noise_level)
+        except ValueError as error:
+            raise ArgumentError(str(error)) from None
+        f = self.vae.downsample_factor
+        self._check_low_res_sizes(images, output_type)
+        results = []
+        for i, small in enumerate(images):
+            width, height = small.size
+            options = self.sampling_options(steps=steps, guidance_scale=guidance_scale, sampler=sampler,
+                                            height=height * f, width=width * f, eta=eta, karras=karras,
+                                            signal_leak=False)
+            done = (lambda d, base=i * options.steps: progress(base + d, options.steps * len(images))) \
+                if progress else None
+            condition = LowResCondition(image_to_tensor(small, width, height), level)
+            z = self._generate([prompts[i]], [negatives[i]], [seed + i], options, done, low_res=condition)
+            results.append(self.decode(z, tiled=vae_tiling))
+        if output_type == "pt":
+            return torch.cat(results)
+        return [image for result in results for image in to_pil(result)]
+
+    def classifier_options(self, guidance: ClassifierGuidance | None, scale) -> dict:
+        """The ``_generate`` keywords of classifier guidance, checked (``{}`` when it is off)."""
+        _check_finite("classifier_scale", scale)
+        if guidance is None:
+            if scale:
+                raise ArgumentError("classifier_scale needs classifier_guidance (a classifier and the class to draw)")
+            return {}
+        if not isinstance(guidance, ClassifierGuidance):
+            raise ArgumentError(f"classifier_guidance must be a ClassifierGuidance, got {_describe(guidance)}")
+        channels = guidance.classifier.config.in_channels
+        if channels != self.config.vae.latent_channels:
+            raise ArgumentError(f"the classifier reads {channels}-channel latents, this model has "
+                                f"{self.config.vae.latent_channels}")
+        return {"classifier_guidance": guidance, "classifier_scale": float(scale)} if scale else {}
+
+    def _check_low_res_sizes(self, images: list[Image.Image], output_type: str) -> None:
+        """Every image's sides are multiples of the U-Net's downsampling (checked before any sampling); one
+        tensor output needs one size."""
+        factor = 2 ** (self.config.unet.num_levels - 1)
+        for image in images:
+            width, height = image.size
+            if height % factor or width % factor:
+                raise ImageInputError(f"the image to upscale is {width}x{height}; its sides must be multiples "
+                                      f"of {factor}")
+        if output_type == "pt" and len({image.size for image in images}) > 1:
+            raise ArgumentError("output_type='pt' needs images of one size (PIL output takes any sizes)")
 
     @staticmethod
     def only_masked_crop(image: Image.Image | None, mask_image: Image.Image | None, padding: int,
@@ -470,32 +649,49 @@ class Txt2ImgPipeline:
 
     def _generate(self, prompts: list[str], negatives: list[str], seeds: list[int], options,
                   progress: Callable[[int], None] | None, condition: ImageCondition | None = None,
-                  variation: Variation | None = None) -> torch.Tensor:
-        """Algorithm 2 for one batch: final latents ``z [B, C, h, w]`` (float32, diffusers' scale)."""
+                  variation: Variation | None = None, *, preview: PreviewFn | None = None,
+                  interrupt: InterruptFn | None = None, low_res: LowResCondition | None = None,
+                  hires_base_steps: int | None = None, classifier_guidance: ClassifierGuidance | None = None,
+                  classifier_scale: float = 0.0) -> torch.Tensor:
+        """Algorithm 2 for one batch: final latents ``z [B, C, h, w]`` (float32, diffusers' scale); when
+        ``interrupt()`` turns True after a step, the denoised estimate of that step instead.
+        ``hires_base_steps``: this is a hires fix's second pass after that many steps (prompt editing)."""
         # Classifier-free guidance (Ho & Salimans 2022): one batched U-Net call on [uncond, cond].
         # Prompts and negative prompts encoded together: padded to the same number of chunks, as AUTOMATIC1111 does.
         guided = options.guidance_scale != 1
-        contexts = self.encode_prompt(prompts + negatives if guided else prompts, clip_skip=options.clip_skip)
-        context, uncond_context = contexts[:len(prompts)], (contexts[len(prompts):] if guided else None)
+        context, uncond_context = self.conditioning(prompts, negatives if guided else None, options,
+                                                    hires_base_steps=hires_base_steps)
         spec = SAMPLERS[options.sampler]
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        sigmas = self.schedule.sampling_sigmas(options.steps, sampler=options.sampler, karras=options.karras)
-        if condition is None:
+        sigmas = self.schedule.sampling_sigmas(options.steps, sampler=options.sampler, schedule=options.schedule)
+        if low_res is not None:
+            x, model, put_back = self.upscale_start(low_res, generators, sigmas, options, variation)
+        elif condition is None:
             x, model, put_back = self.starting_point(generators, sigmas, options, variation), self.unet_prediction, None
         else:
             sigmas = sigmas[steps_to_skip(options.steps, condition.strength):]
             x, model, put_back = self.image_start(condition, generators, sigmas, options, variation)
         denoiser = DiscreteDenoiser(model, self.schedule, self.config.schedule.prediction,
-                                    round_timesteps=options.karras and spec.diffusers_rounds_karras_timesteps)
+                                    round_timesteps=options.schedule == "karras" and spec.diffusers_rounds_karras_timesteps)
         denoise = cfg_denoiser(denoiser, context, uncond_context, options.guidance_scale)
+        if classifier_guidance is not None:  # Dhariwal & Nichol 2021, on top of classifier-free guidance
+            denoise = classifier_guided(denoise, classifier_guidance.log_prob_fn(self.device), self.schedule,
+                                        classifier_scale)
 
-        def after_step(i: int, x: torch.Tensor, _x0: torch.Tensor) -> torch.Tensor | None:
+        def after_step(i: int, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor | None:
             if progress is not None:
                 progress(i + 1)
+            if preview is not None:
+                preview(x0)
+            if interrupt is not None and interrupt():
+                raise _Interrupted(x0)
             return put_back(i, x) if put_back is not None else None
 
         sampler_options = {"eta": options.eta} if "eta" in spec.options else {}
-        x = spec.fn(denoise, x, sigmas, generator=generators, callback=after_step, **sampler_options)
+        try:
+            x = spec.fn(denoise, x, sigmas, generator=generators, callback=after_step, **sampler_options)
+        except _Interrupted as stop:
+            return stop.x0.float()
 
         return final_latents(x, sigmas, sampler=options.sampler)
 
@@ -516,7 +712,7 @@ class Txt2ImgPipeline:
             image_latents = self.encode_rows(condition.image.to(self.device, self.vae_dtype), generators)
         else:
             image_latents = None
-        noise = self.initial_noise(generators, options.height, options.width, variation)
+        noise = self.initial_noise(generators, options.height, options.width, variation, options.seed_resize_from)
         if condition.starts_from_noise:
             x = self.starting_point_from_noise(noise, generators, sigmas, options)
         else:
@@ -576,14 +772,39 @@ class Txt2ImgPipeline:
             images = copy.deepcopy(self.vae).float().decode_latents(z.float(), tiled=tiled)
         return (images / 2 + 0.5).clamp(0, 1).cpu()
 
-    def unet_prediction(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def unet_prediction(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                        class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """The U-Net in its own dtype, with float32 in and out for the sampler's arithmetic."""
-        return self.unet(x.to(self.dtype, memory_format=self.memory_format), t, context.to(self.dtype)).float()
+        return self.unet(x.to(self.dtype, memory_format=self.memory_format), t, context.to(self.dtype),
+                         class_labels=class_labels).float()
+
+    def upscale_start(self, low_res: LowResCondition, generators: list[torch.Generator], sigmas: torch.Tensor,
+                      options, variation: Variation | None = None) -> tuple[torch.Tensor, Callable, None]:
+        """Super-resolution: the starting point and the U-Net function that sees the small image.
+
+        Draws from each row's generator in diffusers' StableDiffusionUpscalePipeline order: the
+        augmentation noise of the small image, then the latents' noise. Returns ``(x [B, C, h, w] at
+        sigmas[0], model(x, t, context), None)``; ``model`` concatenates the noise-augmented small image
+        ``[B, 3, h, w]`` to the (already input-scaled) latents and passes the noise level as the class label.
+        """
+        images = low_res.images.to(self.device, torch.float32)
+        images = images.expand(len(generators), -1, -1, -1) if len(images) == 1 else images
+        noise = torch.cat([torch.randn((1, *images.shape[1:]), generator=g) for g in generators]).to(self.device)
+        levels = torch.full((len(generators),), low_res.noise_level, dtype=torch.long, device=self.device)
+        augmented = LowResAugmentation(self.config.upscale)(images, noise, levels)
+        x = self.starting_point(generators, sigmas, options, variation)
+
+        def model(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+            copies = x.shape[0] // augmented.shape[0]  # 2 under classifier-free guidance
+            return self.unet_prediction(torch.cat([x, augmented.repeat(copies, 1, 1, 1)], 1), t, context,
+                                        class_labels=levels.repeat(copies))
+
+        return x, model, None
 
     def starting_point(self, generators: list[torch.Generator], sigmas: torch.Tensor, options,
                        variation: Variation | None = None) -> torch.Tensor:
         """``x [B, C, h, w]`` at ``sigmas[0]`` on the sigma scale: scaled noise, plus the signal leak if any."""
-        noise = self.initial_noise(generators, options.height, options.width, variation)
+        noise = self.initial_noise(generators, options.height, options.width, variation, options.seed_resize_from)
         return self.starting_point_from_noise(noise, generators, sigmas, options)
 
     def starting_point_from_noise(self, noise: torch.Tensor, generators: list[torch.Generator], sigmas: torch.Tensor,
@@ -606,33 +827,58 @@ class Txt2ImgPipeline:
         _check_integer("num_images", num_images, 1, MAX_IMAGES_PER_CALL)
         _check_seed(seed, num_images)
         options = self.sampling_options(**options)
-        sigmas = self.schedule.sampling_sigmas(options.steps, sampler=options.sampler, karras=options.karras)
+        sigmas = self.schedule.sampling_sigmas(options.steps, sampler=options.sampler, schedule=options.schedule)
         generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(num_images)]
         scale = initial_latents(torch.ones(()), sigmas, sampler=options.sampler,
                                 timestep_spacing=self.config.schedule.timestep_spacing)
         return self.starting_point(generators, sigmas, options) / scale
 
     def initial_noise(self, generators: list[torch.Generator], height: int, width: int,
-                      variation: Variation | None = None) -> torch.Tensor:
+                      variation: Variation | None = None, seed_resize_from: tuple[int, int] | None = None
+                      ) -> torch.Tensor:
         """Unit Gaussian noise ``[B, C, H/f, W/f]``, row ``i`` drawn from ``generators[i]`` on the CPU;
-        with a ``variation``, row ``i`` is slerped towards the noise of its variation seed."""
+        with a ``variation``, row ``i`` is slerped towards the noise of its variation seed.
+
+        ``seed_resize_from=(height, width)`` (pixels; AUTOMATIC1111's "Resize seed from"): each seed's
+        noise is also drawn at that size (and slerped there), then pasted, centred, into its noise at
+        this size, so an image keeps much of the composition its seed gave at the old size.
+        """
         f = self.vae.downsample_factor
         shape = (self.config.vae.latent_channels, height // f, width // f)
         rows = [torch.randn((1, *shape), generator=g, dtype=torch.float32) for g in generators]
-        if variation is not None:
+        old_shape = shape if seed_resize_from is None else (shape[0], seed_resize_from[0] // f,
+                                                             seed_resize_from[1] // f)
+        if old_shape != shape:
+            olds = [torch.randn((1, *old_shape), generator=torch.Generator("cpu").manual_seed(g.initial_seed()),
+                                dtype=torch.float32) for g in generators]
+            if variation is not None:
+                olds = [variation.mix(old, i) for i, old in enumerate(olds)]
+            rows = [_paste_centred(old, row) for old, row in zip(olds, rows)]
+        elif variation is not None:
             rows = [variation.mix(row, i) for i, row in enumerate(rows)]
         return torch.cat(rows).to(self.device)
 
-    def sampling_options(self, *, signal_leak: bool | None = None, **overrides) -> SamplingDefaults:
-        """The model's ``config.sampling`` with the given non-``None`` overrides, validated.
+    def sampling_options(self, *, signal_leak: bool | None = None, schedule: str | None = None,
+                         seed_resize_from: tuple[int, int] | None = None, **overrides) -> "SamplingOptions":
+        """The model's ``config.sampling`` with the given non-``None`` overrides, validated, plus the schedule.
 
         ``signal_leak=False`` drops the model's signal-leak statistics (start from pure noise);
-        ``True`` requires them; ``None`` keeps the model's setting.
+        ``True`` requires them; ``None`` keeps the model's setting. ``schedule``, ``seed_resize_from``:
+        see :meth:`__call__`.
 
         Raises:
             ConfigError: for options no sampler can use (see :func:`validate_sampling_options`).
         """
+        if isinstance(overrides.get("sampler"), str) and overrides["sampler"] not in SAMPLERS:
+            try:  # AUTOMATIC1111's name ("DPM++ 2M SDE"); an unknown one is refused below
+                overrides["sampler"] = resolve_sampler_name(overrides["sampler"])
+            except ValueError:
+                pass
         options = replace(self.config.sampling, **{k: v for k, v in overrides.items() if v is not None})
+        options = SamplingOptions(**dataclasses.asdict(options),
+                                  schedule=_schedule_for(schedule, options, karras_given=overrides.get("karras")))
+        options = replace(options, karras=options.schedule == "karras",
+                          seed_resize_from=_checked_size("seed_resize_from", seed_resize_from, self.vae.downsample_factor))
         if signal_leak is False:
             options = replace(options, signal_leak=None)
         elif signal_leak and options.signal_leak is None:
@@ -642,12 +888,69 @@ class Txt2ImgPipeline:
         return options
 
 
+class _Interrupted(Exception):
+    """Stops a sampler's loop from its step callback (``interrupt`` turned True); carries that step's ``x0``."""
+
+    def __init__(self, x0: torch.Tensor) -> None:
+        super().__init__("interrupted")
+        self.x0 = x0
+
+
+@dataclasses.dataclass
+class SamplingOptions(SamplingDefaults):
+    """One call's sampling options: the model's ``config.sampling`` with the call's overrides, plus the
+    schedule type (a name of :data:`ldm.sampling.registry.SCHEDULE_NAMES`; ``karras`` mirrors ``"karras"``)."""
+
+    schedule: str = "default"
+    seed_resize_from: tuple[int, int] | None = None  # (height, width) in pixels: see Txt2ImgPipeline.initial_noise
+
+
+def _checked_size(name: str, size, factor: int) -> tuple[int, int] | None:
+    """``size`` as ``(height, width)`` of positive integers at least ``factor`` pixels, or ``None``."""
+    if size is None:
+        return None
+    if (not isinstance(size, Sequence) or len(size) != 2 or
+            not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= factor for v in size)):
+        raise ArgumentError(f"{name} must be (height, width) in pixels, each at least {factor}, got {size!r}")
+    return int(size[0]), int(size[1])
+
+
+def _paste_centred(old: torch.Tensor, canvas: torch.Tensor) -> torch.Tensor:
+    """``old [1, C, h, w]`` pasted into a copy of ``canvas [1, C, H, W]``, centres aligned, cropped where it
+    is larger, with the web UI's arithmetic (an odd surplus of ``old`` loses one more row or column)."""
+    (old_h, old_w), (new_h, new_w) = old.shape[-2:], canvas.shape[-2:]
+    dy, dx = (new_h - old_h) // 2, (new_w - old_w) // 2
+    h, w = (old_h if dy >= 0 else old_h + 2 * dy), (old_w if dx >= 0 else old_w + 2 * dx)
+    out = canvas.clone()
+    out[..., max(dy, 0):max(dy, 0) + h, max(dx, 0):max(dx, 0) + w] = \
+        old[..., max(-dy, 0):max(-dy, 0) + h, max(-dx, 0):max(-dx, 0) + w]
+    return out
+
+
+def _schedule_for(schedule: str | None, options: SamplingDefaults, *, karras_given: bool | None) -> str:
+    """Our schedule name for a call's ``schedule`` (ours or AUTOMATIC1111's label, "Automatic" resolved
+    for ``options.sampler``); ``None``: the model's ``karras`` flag. ``ConfigError`` for an unknown name,
+    or one that contradicts an explicit ``karras=True``."""
+    if schedule is None:
+        return "karras" if options.karras else "default"
+    try:
+        name = resolve_schedule_name(schedule, options.sampler if options.sampler in SAMPLERS else None)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if karras_given and name != "karras":
+        raise ConfigError(f"karras=True contradicts schedule {schedule!r}")
+    return name
+
+
 def validate_sampling_options(options, downsample_factor: int = 8) -> None:
     """Raise ``ConfigError`` with a one-line message for options no sampler can use."""
     if options.sampler not in SAMPLERS:
         raise ConfigError(f"unknown sampler {options.sampler!r} (choose from {', '.join(SAMPLERS)})")
     if int(options.steps) < 1:
         raise ConfigError(f"steps must be at least 1, got {options.steps}")
+    if SAMPLERS[options.sampler].discretisation == "lcm" and options.steps > LCM_ORIGINAL_STEPS:
+        raise ConfigError(f"the LCM sampler takes at most {LCM_ORIGINAL_STEPS} steps (its distillation grid), "
+                          f"got {options.steps}")
     for name in ("height", "width"):
         value = getattr(options, name)
         if value < downsample_factor or value % 8 or value % downsample_factor:

@@ -115,7 +115,7 @@ def test_from_file_reads_one_prompt_per_line(tmp_path, model_dir):
         (["x", "--H", "36"], "--H must be a positive multiple of 8"),
         (["x", "--W", "0"], "--W must be a positive multiple of 8"),
         (["x", "--steps", "0"], "--steps must be at least 1"),
-        (["x", "--sampler", "plms"], "unknown sampler 'plms'"),
+        (["x", "--sampler", "dpm_fast"], "unknown sampler 'dpm_fast'"),
         (["x", "--model", "/no/such/model/dir"], "model path not found"),
         (["x", "--model", "nobody/not-a-cached-model"], "could not download"),
         ([], "a prompt is required"),

@@ -204,7 +204,7 @@ def test_bad_options_raise_config_errors(pipe):
     with pytest.raises(ConfigError, match="steps"):
         pipe(PROMPT, steps=0)
     with pytest.raises(ConfigError, match="unknown sampler"):
-        pipe(PROMPT, sampler="plms")
+        pipe(PROMPT, sampler="dpm_fast")
 
 
 def test_missing_and_corrupt_models_are_clear_errors(tmp_path):

@@ -25,8 +25,9 @@ import sys
 from pathlib import Path
 
 from ldm.cli import OneLineErrorParser, finite_float, sampler_name
+from ldm.cli.stages import add_stage_arguments, check_stage_arguments, load_stages
 from ldm.hardware import DTYPE_NAMES
-from ldm.sampling.registry import SAMPLER_NAMES
+from ldm.sampling.registry import AUTOMATIC, SAMPLER_NAMES, SCHEDULE_NAMES, resolve_schedule_name
 
 
 MODES = {
@@ -64,7 +65,11 @@ def build_parser(mode: str = "txt2img") -> argparse.ArgumentParser:
                         help=f"sampler: {', '.join(SAMPLER_NAMES)}, or AUTOMATIC1111's name for it "
                         "(e.g. \"DPM++ 2M\", \"Euler a\"); default: the model's")
     parser.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None,
-                        help="use Karras et al. (2022) sigmas (default: the model's)")
+                        help="use Karras et al. (2022) sigmas (default: the model's); the same as --schedule karras")
+    parser.add_argument("--schedule", type=schedule_name, metavar="NAME",
+                        help=f"sigma spacing (AUTOMATIC1111's Schedule type): {', '.join(SCHEDULE_NAMES)}, or the "
+                        "web UI's label (\"SGM Uniform\"; \"Automatic\": the sampler's preference there, e.g. "
+                        "Karras for DPM++ 2M); default: the sampler's diffusers spacing, or karras with --karras")
     parser.add_argument("--eta", type=finite_float, help="DDIM eta: 0 deterministic, 1 ancestral (default 0)")
     parser.add_argument("--clip-skip", type=int, help="AUTOMATIC1111's Clip skip: 1 = the text encoder's own "
                         "layer, 2 = one block earlier (default: the model's, usually 1)")
@@ -74,6 +79,9 @@ def build_parser(mode: str = "txt2img") -> argparse.ArgumentParser:
     parser.add_argument("--subseed", type=seed_argument, help="variation seed (AUTOMATIC1111): image k's noise "
                         "is moved towards the noise of subseed+k by --subseed-strength")
     parser.add_argument("--subseed-strength", type=finite_float, help="variation strength in [0, 1] (default 0)")
+    parser.add_argument("--seed-resize-from", type=size_argument, metavar="WxH",
+                        help="AUTOMATIC1111's Resize seed from: draw each seed's noise at this size and centre it "
+                        "in the noise of the new size, to keep a seed's composition at another size")
     parser.add_argument("--n-samples", type=int, default=1, help=f"images per prompt (at most {MAX_SAMPLES})")
     parser.add_argument("--batch-size", type=int, default=1,
                         help="images sampled together as one batch (faster on a GPU). 1 (default): each image "
@@ -89,6 +97,9 @@ def build_parser(mode: str = "txt2img") -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default="auto",
                         help="auto: float16 on GPU, float32 on CPU; fast: float16 on GPU, bfloat16 + channels-last "
                         "on CPUs with native bfloat16 (AVX512-BF16/AMX), else float32")
+    parser.add_argument("--embeddings", type=Path, metavar="DIR",
+                        help="a folder of textual-inversion embeddings (AUTOMATIC1111 .pt/.safetensors, diffusers "
+                        "learned_embeds): each file's name is its trigger word, in the prompt or the negative prompt")
     parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                         help="apply a LoRA file with strength SCALE (default 1); repeatable, effects add up")
     parser.add_argument("--compile", action="store_true",
@@ -108,6 +119,7 @@ def build_parser(mode: str = "txt2img") -> argparse.ArgumentParser:
         parser.add_argument("--hires-upscaler", choices=("latent", "lanczos"),
                             help="hires fix: upscale the latents (bilinear) or the decoded image (Lanczos)")
         parser.add_argument("--hires-steps", type=int, help="hires fix: steps of the second pass (default --steps)")
+        add_stage_arguments(parser)
         parser.add_argument("--from-png", type=Path, metavar="FILE",
                             help="take prompt, negative prompt, steps, sampler, schedule, CFG scale, seed, size, clip "
                             "skip and hires fix from a PNG's AUTOMATIC1111 parameters (flags given here win)")
@@ -216,7 +228,11 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     if single_file_options and (args.model is None or Path(args.model).expanduser().is_dir()):
         parser.error(f"{', '.join(single_file_options)} apply to a single-file checkpoint (--model FILE)")
     args.lora = [parse_lora(parser, spec) for spec in args.lora]
+    if args.embeddings is not None and not args.embeddings.is_dir():
+        parser.error(f"--embeddings {args.embeddings} is not a folder")
     check_image_arguments(parser, args)
+    if hasattr(args, "base_only"):
+        check_stage_arguments(parser, args)
     check_outdir(parser, args.outdir)
     check_text(parser, "--negative-prompt", args.negative_prompt)
     prompts = read_prompts(parser, args)
@@ -224,6 +240,25 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error(f"--subseed-strength must be in [0, 1], got {args.subseed_strength:g}")
     check_seeds(parser, args, len(prompts) * args.n_samples)
     return prompts
+
+
+def size_argument(text: str) -> tuple[int, int]:
+    """argparse ``type=`` for ``WxH`` sizes in pixels (``512x768``) -> ``(height, width)``."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(part.strip().isdigit() and int(part) >= 8 for part in parts):
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT in pixels, each at least 8 (e.g. 512x512), got {text!r}")
+    return int(parts[1]), int(parts[0])
+
+
+def schedule_name(text: str) -> str:
+    """argparse ``type=`` for ``--schedule``: ours (``sgm_uniform``), the web UI's label (``"SGM Uniform"``), or
+    ``Automatic`` (kept as given: the pipeline resolves it for the sampler in use)."""
+    if text.strip().lower() == AUTOMATIC:
+        return AUTOMATIC
+    try:
+        return resolve_schedule_name(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def fill_defaults(args: argparse.Namespace) -> None:
@@ -261,9 +296,10 @@ def apply_png_parameters(parser: argparse.ArgumentParser, args: argparse.Namespa
     for option, key, convert in (
         ("prompt", "Prompt", str), ("negative_prompt", "Negative prompt", str), ("steps", "Steps", int),
         ("subseed", "Variation seed", seed_argument), ("subseed_strength", "Variation seed strength", finite_float),
+        ("seed_resize_from", "Seed resize from", size_argument),
         ("sampler", "Sampler", sampler_name), ("scale", "CFG scale", finite_float), ("seed", "Seed", seed_argument),
         ("width", "Size", size(0)), ("height", "Size", size(1)), ("clip_skip", "Clip skip", int),
-        ("karras", "Schedule type", lambda value: {"karras": True, "automatic": None}[value.lower()]),
+        ("schedule", "Schedule type", schedule_name),
         ("hires_scale", "Hires upscale", finite_float), ("hires_steps", "Hires steps", int),
         ("hires_upscaler", "Hires upscaler", lambda value: {"latent": "latent", "lanczos": "lanczos"}[value.lower()]),
     ):
@@ -399,10 +435,14 @@ def generate(args: argparse.Namespace, prompts: list[str]) -> int:
 
         for path, scale in args.lora:
             load_lora(pipe, path, scale)
+    if args.embeddings is not None:
+        loaded = pipe.load_textual_inversion(args.embeddings)
+        logging.getLogger("txt2img").info("embeddings: %s", ", ".join(loaded) or "(none in the folder)")
     if precision.channels_last:
         pipe.to(memory_format=precision.memory_format)
     if args.compile:
         pipe.compile()
+    stages = load_stages(args, device, dtype)
     logging.getLogger("txt2img").info("running on %s in %s", device, precision.describe())
     image_inputs, extra = image_arguments(args, pipe.vae.downsample_factor)  # images, or the hires fix
     if "image" in image_inputs and (args.height is None or args.width is None):
@@ -410,37 +450,47 @@ def generate(args: argparse.Namespace, prompts: list[str]) -> int:
         args.height, args.width = args.height or default_height, args.width or default_width
     options = pipe.sampling_options(steps=args.steps, guidance_scale=args.scale, sampler=args.sampler,
                                     height=args.height, width=args.width, eta=args.eta, karras=args.karras,
-                                    signal_leak=args.signal_leak, clip_skip=args.clip_skip)
+                                    schedule=args.schedule, signal_leak=args.signal_leak, clip_skip=args.clip_skip,
+                                    seed_resize_from=args.seed_resize_from)
     model_name = Path(args.model).name if args.model else "default"
     extra = {**extra, "Model": model_name}
     if args.lora:
         extra["LoRA"] = ", ".join(f"{path.stem}:{scale:g}" for path, scale in args.lora)
     if options.clip_skip != 1:
         extra["Clip skip"] = options.clip_skip  # AUTOMATIC1111 writes it only when it is not 1
+    if options.seed_resize_from is not None:
+        extra["Seed resize from"] = f"{options.seed_resize_from[1]}x{options.seed_resize_from[0]}"  # W x H
     starts_from_noise = "image" not in image_inputs or (image_inputs.get("mask_image") is not None
                                                          and args.strength == 1)
     if options.signal_leak is not None and starts_from_noise:
         extra["Signal leak"] = "on"
+    extra |= stages.png_fields(args, options.width, options.height)
+    upscale_steps = stages.upscale_steps(args)
 
     images, seed = [], args.seed
     for prompt in prompts:
         for start in range(0, args.n_samples, args.batch_size):
             count = min(args.batch_size, args.n_samples - start)
-            with tqdm(total=options.steps * count, desc=f"seed {seed}", file=sys.stderr, disable=args.quiet,
-                      leave=False) as bar:
+            with tqdm(total=(options.steps + upscale_steps) * count, desc=f"seed {seed}", file=sys.stderr,
+                      disable=args.quiet, leave=False) as bar:
                 batch = pipe(prompt, args.negative_prompt, steps=options.steps,
                              guidance_scale=options.guidance_scale, sampler=options.sampler, seed=seed,
                              height=options.height, width=options.width, num_images=count, eta=options.eta,
-                             karras=options.karras, signal_leak=options.signal_leak is not None,
+                             schedule=options.schedule, signal_leak=options.signal_leak is not None,
+                             seed_resize_from=options.seed_resize_from,
                              clip_skip=options.clip_skip, subseed=subseed_of(args, seed),
                              subseed_strength=args.subseed_strength,
                              progress=lambda done, total: advance(bar, done, total),
-                             batch_invariant=args.batch_size == 1, vae_tiling=args.vae_tiling, **image_inputs)
+                             batch_invariant=args.batch_size == 1, vae_tiling=args.vae_tiling,
+                             **stages.call_options(args), **image_inputs)
+                batch = stages.upscale(batch, prompt, args.negative_prompt, seed, args,
+                                       progress=lambda done, total: advance(bar, options.steps * count + done,
+                                                                            (options.steps + upscale_steps) * count))
             for offset, image in enumerate(batch):
                 parameters = a1111_parameters(
                     prompt, args.negative_prompt, steps=options.steps, sampler=options.sampler,
                     guidance_scale=options.guidance_scale, seed=seed + offset, width=options.width,
-                    height=options.height, karras=options.karras, extra=image_fields(extra, args, seed + offset),
+                    height=options.height, schedule=options.schedule, extra=image_fields(extra, args, seed + offset),
                 )
                 print(save_png(image, args.outdir, str(seed + offset), parameters), flush=True)
             images.extend(batch)

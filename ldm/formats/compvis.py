@@ -8,6 +8,8 @@ A CompVis YAML names a ``LatentDiffusion`` model by ``target`` class paths and t
     model.params.first_stage_config.params    the VAE: ddconfig and embed_dim
     model.params.cond_stage_config            the text encoder, named only by class:
                                               FrozenCLIPEmbedder (SD 1.x), FrozenOpenCLIPEmbedder (SD 2.x)
+    model.params.low_scale_config.params      SD's x4 upscaler (LatentUpscaleDiffusion) only: the augmentation
+                                              noise_schedule_config and max_noise_level (ldm.upscaling)
 
 Per section, :func:`unet_config_from_compvis`, :func:`vae_config_from_compvis` and
 :func:`schedule_config_from_compvis` raise ``ValueError`` for what our models do not implement.
@@ -47,6 +49,7 @@ from ldm.formats.single_file_config import (
 from ldm.models.text_encoders import TextEncoderConfig
 from ldm.models.unet import UNetConfig
 from ldm.sampling.schedule import ScheduleConfig
+from ldm.upscaling import UpscaleConfig
 
 __all__ = [
     "compvis_yaml",
@@ -62,6 +65,8 @@ _OPENCLIP_EMBEDDER = "FrozenOpenCLIPEmbedder"
 _TARGETS = {
     "model": "ldm.models.diffusion.ddpm.LatentDiffusion",
     "inpainting model": "ldm.models.diffusion.ddpm.LatentInpaintDiffusion",
+    "upscaling model": "ldm.models.diffusion.ddpm.LatentUpscaleDiffusion",
+    "low scale": "ldm.modules.diffusionmodules.upscaling.ImageConcatWithNoiseAugmentation",
     "unet": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
     "vae": "ldm.models.autoencoder.AutoencoderKL",
     _CLIP_EMBEDDER: "ldm.modules.encoders.modules.FrozenCLIPEmbedder",
@@ -241,6 +246,21 @@ def schedule_config_from_compvis(params: Mapping[str, Any]) -> ScheduleConfig:
     )
 
 
+def upscale_config_from_compvis(params: Mapping[str, Any]) -> UpscaleConfig:
+    """Read ``model.params.low_scale_config.params`` of an x4-upscaler YAML (ImageConcatWithNoiseAugmentation):
+    ``noise_schedule_config`` (linear_start, linear_end, timesteps, beta_schedule; CompVis defaults) and
+    ``max_noise_level`` (its default 1000)."""
+    schedule = params.get("noise_schedule_config") or {}
+    compvis_beta = schedule.get("beta_schedule", "linear")
+    if compvis_beta not in _BETA_NAMES:
+        raise ValueError(f"unsupported CompVis beta_schedule {compvis_beta!r} (supported: {sorted(_BETA_NAMES)})")
+    noise_schedule = ScheduleConfig(num_train_timesteps=int(schedule.get("timesteps", 1000)),
+                                    beta_schedule=_BETA_NAMES[compvis_beta],
+                                    beta_start=float(schedule.get("linear_start", 1e-4)),
+                                    beta_end=float(schedule.get("linear_end", 2e-2)))
+    return UpscaleConfig(noise_schedule=noise_schedule, max_noise_level=int(params.get("max_noise_level", 1000)))
+
+
 # --------------------------------------------------------------------------------------------
 # CompVis YAML -> PipelineConfig
 # --------------------------------------------------------------------------------------------
@@ -272,11 +292,14 @@ def config_from_compvis(
     checked, never imported.
     """
     model = _section(data, "model", source, "")
-    target = _check_target(model, ("LatentDiffusion", "LatentInpaintDiffusion"), source, "model.")
+    target = _check_target(model, ("LatentDiffusion", "LatentInpaintDiffusion", "LatentUpscaleDiffusion"), source,
+                           "model.")
     params = model.get("params") or {}
     # Text-to-image models condition by cross-attention only; inpainting models ("hybrid") also
-    # concatenate the mask and the masked image's latents to the U-Net's input.
-    conditioning = "hybrid" if target.endswith("LatentInpaintDiffusion") else "crossattn"
+    # concatenate the mask and the masked image's latents to the U-Net's input; the x4 upscaler
+    # ("hybrid-adm") concatenates the small image and adds its noise level as a class label.
+    conditioning = {"LatentInpaintDiffusion": "hybrid", "LatentUpscaleDiffusion": "hybrid-adm"}.get(
+        target.rsplit(".", 1)[-1], "crossattn")
     if params.get("conditioning_key", "crossattn") != conditioning:
         raise ConfigError(f"{source}: conditioning_key {params['conditioning_key']!r} is not supported by "
                           f"{target.rsplit('.', 1)[-1]} (expected {conditioning})")
@@ -300,12 +323,19 @@ def config_from_compvis(
         vae = vae_config_from_compvis(ddconfig, vae_params.get("embed_dim", ddconfig.get("z_channels")),
                                       float(params.get("scale_factor", 1.0)))  # CompVis default 1.0
         schedule = schedule_config_from_compvis(params)
+        upscale = _upscale_section(params, source) if conditioning == "hybrid-adm" else None
     except (ValueError, KeyError, TypeError) as error:
         message = f"missing key {error.args[0]!r}" if isinstance(error, KeyError) and error.args else error
         raise ConfigError(f"{source}: {message}") from None
     text = _text_config_from_embedder(embedder, cond_section.get("params") or {}, parts["text_encoder"], source)
     return PipelineConfig(unet=unet, vae=vae, text_encoder=text, schedule=schedule,
-                          sampling=native_sampling(params.get("image_size", 64), vae))
+                          sampling=native_sampling(params.get("image_size", 64), vae), upscale=upscale)
+
+
+def _upscale_section(params: dict[str, Any], source: str) -> UpscaleConfig:
+    low_scale = _section(params, "low_scale_config", source, "model.params.")
+    _check_target(low_scale, "ImageConcatWithNoiseAugmentation", source, "model.params.low_scale_config.")
+    return upscale_config_from_compvis(low_scale.get("params") or {})
 
 
 def _text_config_from_embedder(embedder: str, params: dict[str, Any], weights, source: str) -> TextEncoderConfig:
@@ -364,8 +394,16 @@ def compvis_yaml(config: PipelineConfig) -> dict[str, Any]:
     if not vae.mid_attention:
         ddconfig["attn_type"] = "none"
     inpainting = unet.in_channels == 2 * vae.latent_channels + 1
+    kind, conditioning = ("inpainting model", "hybrid") if inpainting else ("model", "crossattn")
+    if config.is_upscaler:
+        kind, conditioning = "upscaling model", "hybrid-adm"
+    label_options = {}  # the x4 upscaler's noise-level embedding and cross-attention-only levels
+    if unet.num_classes is not None:
+        label_options["num_classes"] = unet.num_classes
+    if unet.disable_self_attentions is not None:
+        label_options["disable_self_attentions"] = list(unet.disable_self_attentions)
     return {"model": {
-        "target": _TARGETS["inpainting model" if inpainting else "model"],
+        "target": _TARGETS[kind],
         "params": {
             "linear_start": schedule.beta_start,
             "linear_end": schedule.beta_end,
@@ -377,9 +415,10 @@ def compvis_yaml(config: PipelineConfig) -> dict[str, Any]:
             "image_size": config.sampling.height // vae.downsample_factor,
             "channels": vae.latent_channels,
             "cond_stage_trainable": False,
-            "conditioning_key": "hybrid" if inpainting else "crossattn",
+            "conditioning_key": conditioning,
             "scale_factor": vae.scaling_factor,
             "use_ema": False,
+            **_low_scale_yaml(config),
             "unet_config": {"target": _TARGETS["unet"], "params": {
                 "image_size": 32,  # unused by CompVis
                 "in_channels": unet.in_channels,
@@ -394,6 +433,7 @@ def compvis_yaml(config: PipelineConfig) -> dict[str, Any]:
                 "transformer_depth": unet.transformer_depth,
                 "context_dim": unet.context_dim,
                 "legacy": False,
+                **label_options,
             }},
             "first_stage_config": {"target": _TARGETS["vae"], "params": {
                 "embed_dim": vae.latent_channels, "ddconfig": ddconfig,
@@ -402,6 +442,18 @@ def compvis_yaml(config: PipelineConfig) -> dict[str, Any]:
             "cond_stage_config": _cond_stage_yaml(text),
         },
     }}
+
+
+def _low_scale_yaml(config: PipelineConfig) -> dict[str, Any]:
+    """The x4 upscaler's ``low_scale_key`` and ``low_scale_config`` (nothing for other models)."""
+    if not config.is_upscaler:
+        return {}
+    schedule = config.upscale.noise_schedule
+    noise_schedule = {"linear_start": schedule.beta_start, "linear_end": schedule.beta_end,
+                      "timesteps": schedule.num_train_timesteps,
+                      "beta_schedule": _OUR_BETAS_TO_COMPVIS[schedule.beta_schedule]}
+    return {"low_scale_key": "lr", "low_scale_config": {"target": _TARGETS["low scale"], "params": {
+        "noise_schedule_config": noise_schedule, "max_noise_level": config.upscale.max_noise_level}}}
 
 
 def _cond_stage_yaml(text: TextEncoderConfig) -> dict[str, Any]:

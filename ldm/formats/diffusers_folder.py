@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +27,28 @@ from ldm.errors import CheckpointError, ConfigError
 from ldm.formats import text_keys as text_keymap
 from ldm.formats import unet_keys as unet_keymap
 from ldm.formats import vae_keys as vae_keymap
+from ldm.formats.single_file_config import UPSCALER_SCALING_FACTOR, check_upscaler_channels
 from ldm.sampling.registry import SAMPLER_INFO
 from ldm.sampling.schedule import ScheduleConfig
 from ldm.models.tokenizer import ClipTokenizer
+from ldm.upscaling import UpscaleConfig
 
 logger = logging.getLogger(__name__)
 
-# our sampler name -> the diffusers scheduler class with the same algorithm (PNDM/LMS folders,
-# which have no counterpart here, load with DPM++ 2M).
+# our sampler name -> the diffusers scheduler class with the same algorithm (with the config values in
+# SAMPLER_INFO[name].diffusers_options: DPM-Solver's algorithm_type, PNDM's skip_prk_steps).
 SCHEDULER_CLASSES = {name: info.diffusers_class for name, info in SAMPLER_INFO.items()}
-_SAMPLER_FOR_CLASS = {cls: name for name, cls in SCHEDULER_CLASSES.items()}
+# the class defaults of those keys (a scheduler_config.json without the key means the default)
+DIFFUSERS_OPTION_DEFAULTS = {("DPMSolverMultistepScheduler", "algorithm_type"): "dpmsolver++",
+                             ("PNDMScheduler", "skip_prk_steps"): False}
+# diffusers scheduler classes without a sampler of the same algorithm here -> the nearest (named in a warning)
+SUBSTITUTE_SAMPLERS = {
+    "DPMSolverSinglestepScheduler": "dpmpp_2m",  # DPM-Solver++ 2S, singlestep: its multistep sibling
+    "DEISMultistepScheduler": "unipc",  # another multistep exponential integrator
+    "EDMEulerScheduler": "euler",
+    "EDMDPMSolverMultistepScheduler": "dpmpp_2m",
+    "TCDScheduler": "lcm",  # trajectory consistency distillation samples like LCM (gamma = 0.3 differs)
+}
 
 _WEIGHT_NAMES = {
     "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
@@ -104,19 +118,40 @@ def _reverse_lookup(ours_to_theirs: dict[str, str], theirs: str, key: str) -> st
 FALLBACK_SAMPLER = "dpmpp_2m"
 
 
-def sampler_for_scheduler(class_name: str, folder: Path) -> str:
-    """The sampler matching a diffusers scheduler class; for a class with no equivalent here (PNDM, LMS,
-    UniPC, ...) a warning names the substitute, never a silent change."""
-    if class_name in _SAMPLER_FOR_CLASS:
-        return _SAMPLER_FOR_CLASS[class_name]
-    logger.warning("%s: its scheduler %s has no equivalent sampler here; sampling with %s (%s) instead",
-                   folder, class_name or "(none named)", FALLBACK_SAMPLER, SAMPLER_INFO[FALLBACK_SAMPLER].a1111_name)
-    return FALLBACK_SAMPLER
+def sampler_for_scheduler(scheduler_config: dict[str, Any], folder: Path) -> str:
+    """The sampler matching a diffusers ``scheduler_config.json`` (its class, and the options that select
+    an algorithm within the class); for one with no equivalent here (DPM-Solver singlestep, DEIS, PNDM
+    with Runge-Kutta warm-up, ...) a warning names the substitute, never a silent change."""
+    class_name = scheduler_config.get("_class_name", "")
+    candidates = [name for name, info in SAMPLER_INFO.items() if info.diffusers_class == class_name]
+    for name in candidates:
+        if all(scheduler_config.get(key, DIFFUSERS_OPTION_DEFAULTS.get((class_name, key))) == value
+               for key, value in SAMPLER_INFO[name].diffusers_options):
+            return name
+    substitute = candidates[0] if candidates else SUBSTITUTE_SAMPLERS.get(class_name, FALLBACK_SAMPLER)
+    options = sorted({key for name in candidates for key, _ in SAMPLER_INFO[name].diffusers_options})
+    detail = "".join(f" with {key}={scheduler_config.get(key, DIFFUSERS_OPTION_DEFAULTS.get((class_name, key)))!r}"
+                     for key in options)
+    logger.warning("%s: its scheduler %s%s has no equivalent sampler here; sampling with %s (%s) instead",
+                   folder, class_name or "(none named)", detail, substitute, SAMPLER_INFO[substitute].a1111_name)
+    return substitute
 
 
-# Pipelines whose folders hold the weights of one of the two U-Net kinds we run (text-to-image or
-# inpainting); img2img is a mode of ours over the same weights.
-PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")
+def schedule_flags_from_diffusers(scheduler_config: dict[str, Any], folder: Path) -> bool:
+    """``karras`` for ``use_karras_sigmas``; the exponential and beta sigmas diffusers can also ask for
+    are named in a warning (the model's default schedule is used; pass ``schedule=`` to sample with them)."""
+    for key, name in (("use_exponential_sigmas", "exponential"), ("use_beta_sigmas", "beta")):
+        if scheduler_config.get(key):
+            logger.warning("%s: its scheduler asks for %s sigmas, which a model's defaults cannot hold here; "
+                           "sampling with the default schedule unless schedule=%r is given", folder, name, name)
+    return bool(scheduler_config.get("use_karras_sigmas", False))
+
+
+# Pipelines whose folders hold the weights of a U-Net kind we run (text-to-image, inpainting or SD's x4
+# super-resolution); img2img is a mode of ours over the same weights.
+UPSCALE_PIPELINE = "StableDiffusionUpscalePipeline"
+PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
+                    UPSCALE_PIPELINE)
 
 
 def load_diffusers_folder(folder: str | Path) -> tuple[PipelineConfig, dict[str, dict[str, torch.Tensor]]]:
@@ -127,14 +162,21 @@ def load_diffusers_folder(folder: str | Path) -> tuple[PipelineConfig, dict[str,
         the original single-file names without their component prefix.
     """
     folder = Path(folder)
-    pipeline_class = _read_json(folder / "model_index.json").get("_class_name", "StableDiffusionPipeline")
+    index = _read_json(folder / "model_index.json")
+    pipeline_class = index.get("_class_name", "StableDiffusionPipeline")
     if pipeline_class not in PIPELINE_CLASSES:
         raise CheckpointError(f"{folder} is a {pipeline_class} folder: only {', '.join(PIPELINE_CLASSES)} "
                               "folders can be run here")
     unet_json = _read_json(folder / "unet" / "config.json")
     unet_config = unet_keymap.config_from_diffusers(unet_json)
     vae_config = vae_keymap.config_from_diffusers(_read_json(folder / "vae" / "config.json"))
-    checkpoints.check_unet_channels(unet_config, vae_config, str(folder))
+    upscale = None
+    if pipeline_class == UPSCALE_PIPELINE:
+        upscale = _upscale_config(folder, index)
+        vae_config = _upscaler_vae_config(vae_config, folder)
+        check_upscaler_channels(unet_config, vae_config, str(folder))
+    else:
+        checkpoints.check_unet_channels(unet_config, vae_config, str(folder))
     text_config = text_keymap.config_from_diffusers(_read_json(folder / "text_encoder" / "config.json"))
     tokenizer = ClipTokenizer.from_diffusers_folder(folder / "tokenizer")
     text_config = _with_tokenizer_settings(text_config, tokenizer)
@@ -144,7 +186,8 @@ def load_diffusers_folder(folder: str | Path) -> tuple[PipelineConfig, dict[str,
     sampling = SamplingDefaults(
         height=int(native_size) * factor,
         width=int(native_size) * factor,
-        sampler=sampler_for_scheduler(scheduler_dict.get("_class_name", ""), folder),
+        sampler=sampler_for_scheduler(scheduler_dict, folder),
+        karras=schedule_flags_from_diffusers(scheduler_dict, folder),
     )
     config = PipelineConfig(
         unet=unet_config,
@@ -152,6 +195,7 @@ def load_diffusers_folder(folder: str | Path) -> tuple[PipelineConfig, dict[str,
         text_encoder=text_config,
         schedule=schedule_config_from_diffusers(scheduler_dict),
         sampling=sampling,
+        upscale=upscale,
     )
     parts = {}
     for name, component_config in (("unet", unet_config), ("vae", vae_config), ("text_encoder", text_config)):
@@ -163,22 +207,43 @@ def load_diffusers_folder(folder: str | Path) -> tuple[PipelineConfig, dict[str,
     return config, parts
 
 
+def _upscale_config(folder: Path, index: dict[str, Any]) -> UpscaleConfig:
+    """The ``upscale`` section of a StableDiffusionUpscalePipeline folder: the augmentation schedule from
+    its ``low_res_scheduler`` (a DDPMScheduler config) and ``max_noise_level`` from ``model_index.json``."""
+    low_res = _read_json(folder / "low_res_scheduler" / "scheduler_config.json")
+    try:
+        return UpscaleConfig(noise_schedule=schedule_config_from_diffusers(low_res),
+                             max_noise_level=int(index.get("max_noise_level", 350)))
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{folder}: unusable upscaler settings ({error})") from None
+
+
+def _upscaler_vae_config(vae_config, folder: Path):
+    """StableDiffusionUpscalePipeline decodes with scaling factor 0.08333 whatever ``vae/config.json`` says."""
+    if vae_config.scaling_factor != UPSCALER_SCALING_FACTOR:
+        logger.warning("%s: the VAE's scaling_factor %s is replaced by %s, as diffusers' %s does", folder,
+                       vae_config.scaling_factor, UPSCALER_SCALING_FACTOR, UPSCALE_PIPELINE)
+    return replace(vae_config, scaling_factor=UPSCALER_SCALING_FACTOR)
+
+
 def _with_tokenizer_settings(text_config, tokenizer: ClipTokenizer):
     """The padding and length of the folder's tokenizer decide ours."""
-    from dataclasses import replace
-
     return replace(text_config, pad=tokenizer.pad, max_length=tokenizer.max_length)
 
 
 def save_diffusers_folder(pipe, path: str | Path, *, dtype: torch.dtype | None = None) -> None:
-    """Write ``pipe`` as a folder ``diffusers.StableDiffusionPipeline.from_pretrained`` loads offline."""
+    """Write ``pipe`` as a folder ``diffusers.StableDiffusionPipeline.from_pretrained`` loads offline
+    (``StableDiffusionUpscalePipeline`` for a super-resolution model, with its ``low_res_scheduler``)."""
     config: PipelineConfig = pipe.config
+    weights = {name: getattr(pipe, name).state_dict() for name in _KEYMAPS}
+    if config.is_upscaler:
+        config, weights["vae"] = _upscaler_vae(config, weights["vae"])
     with checkpoints.atomic_folder(path) as folder:
         write_json(folder / "model_index.json", model_index(config))
         for name, component_config in (("unet", config.unet), ("vae", config.vae),
                                        ("text_encoder", config.text_encoder)):
             keymap = _KEYMAPS[name]
-            state_dict = keymap.to_diffusers(getattr(pipe, name).state_dict(), component_config)
+            state_dict = keymap.to_diffusers(weights[name], component_config)
             if dtype is not None:
                 state_dict = {k: t.to(dtype) if t.is_floating_point() else t for k, t in state_dict.items()}
             (folder / name).mkdir()
@@ -188,15 +253,56 @@ def save_diffusers_folder(pipe, path: str | Path, *, dtype: torch.dtype | None =
         pipe.text_encoder.tokenizer.save_pretrained(folder / "tokenizer")
         (folder / "scheduler").mkdir()
         write_json(folder / "scheduler" / "scheduler_config.json", scheduler_json(config))
+        if config.is_upscaler:
+            (folder / "low_res_scheduler").mkdir()
+            write_json(folder / "low_res_scheduler" / "scheduler_config.json", low_res_scheduler_json(config))
+
+
+def _upscaler_vae(config: PipelineConfig, vae_weights: dict[str, torch.Tensor]):
+    """``(config, VAE weights)`` with the scaling factor StableDiffusionUpscalePipeline imposes (0.08333).
+
+    A VAE with another factor ``s`` is rewritten to give latents ``s / 0.08333`` times larger (the
+    encoder's mean times that ratio, its log-variance shifted by twice its log, the decoder's first
+    1x1 convolution's weights divided by it): ``0.08333 * latent'`` is the same diffusion latent as
+    ``s * latent``, so diffusers draws the same images (to float rounding).
+    """
+    ratio = config.vae.scaling_factor / UPSCALER_SCALING_FACTOR
+    if ratio == 1:
+        return config, vae_weights
+    channels = config.vae.latent_channels
+    weights = dict(vae_weights)
+    mean_and_logvar_scale = torch.cat([torch.full((channels,), ratio), torch.ones(channels)])
+    weights["quant_conv.weight"] = weights["quant_conv.weight"] * mean_and_logvar_scale.view(-1, 1, 1, 1)
+    weights["quant_conv.bias"] = (weights["quant_conv.bias"] * mean_and_logvar_scale
+                                  + torch.cat([torch.zeros(channels), torch.full((channels,), 2 * math.log(ratio))]))
+    weights["post_quant_conv.weight"] = weights["post_quant_conv.weight"] / ratio
+    return replace(config, vae=replace(config.vae, scaling_factor=UPSCALER_SCALING_FACTOR)), weights
+
+
+def low_res_scheduler_json(config: PipelineConfig) -> dict[str, Any]:
+    """``low_res_scheduler/scheduler_config.json``: the DDPMScheduler that noises the small image."""
+    import diffusers
+
+    return {"_class_name": "DDPMScheduler", "_diffusers_version": diffusers.__version__,
+            **schedule_config_to_diffusers(config.upscale.noise_schedule)}
 
 
 def model_index(config: PipelineConfig) -> dict[str, Any]:
     """The folder's ``model_index.json``: the pipeline class and each component's library and class."""
+    if config.is_upscaler:
+        index = _plain_model_index(config, UPSCALE_PIPELINE)
+        del index["requires_safety_checker"]  # not an argument of StableDiffusionUpscalePipeline
+        return {**index, "low_res_scheduler": ["diffusers", "DDPMScheduler"],
+                "max_noise_level": config.upscale.max_noise_level, "watermarker": [None, None]}
+    inpainting = config.unet.in_channels == 2 * config.vae.latent_channels + 1
+    return _plain_model_index(config, "StableDiffusionInpaintPipeline" if inpainting else "StableDiffusionPipeline")
+
+
+def _plain_model_index(config: PipelineConfig, pipeline_class: str) -> dict[str, Any]:
     import diffusers
 
-    inpainting = config.unet.in_channels == 2 * config.vae.latent_channels + 1
     return {
-        "_class_name": "StableDiffusionInpaintPipeline" if inpainting else "StableDiffusionPipeline",
+        "_class_name": pipeline_class,
         "_diffusers_version": diffusers.__version__,
         "feature_extractor": [None, None],
         "requires_safety_checker": False,
@@ -228,8 +334,8 @@ def component_config_json(name: str, keymap, config: PipelineConfig) -> dict[str
     return {"_class_name": class_name, "_diffusers_version": diffusers.__version__, **plain_data(values)}
 
 
-# diffusers schedulers that ignore rescale_betas_zero_snr (they would silently sample another schedule)
-_NO_ZERO_SNR_SUPPORT = ("heun",)
+# samplers whose diffusers scheduler ignores rescale_betas_zero_snr (it would silently sample another schedule)
+NO_ZERO_SNR_SUPPORT = ("heun", "lms", "dpm2", "dpm2_ancestral", "plms", "dpmpp_sde")
 
 
 def scheduler_json(config: PipelineConfig) -> dict[str, Any]:
@@ -242,7 +348,7 @@ def scheduler_json(config: PipelineConfig) -> dict[str, Any]:
     import diffusers
 
     sampler = config.sampling.sampler
-    if config.schedule.rescale_betas_zero_snr and sampler in _NO_ZERO_SNR_SUPPORT:
+    if config.schedule.rescale_betas_zero_snr and sampler in NO_ZERO_SNR_SUPPORT:
         raise ConfigError(f"diffusers' {SCHEDULER_CLASSES[sampler]} has no zero-terminal-SNR option; "
                           f"set sampling.sampler to another sampler before saving in diffusers format")
     values = {
@@ -252,6 +358,7 @@ def scheduler_json(config: PipelineConfig) -> dict[str, Any]:
         "clip_sample": False,
         "set_alpha_to_one": False,
         "skip_prk_steps": True,
+        **dict(SAMPLER_INFO[sampler].diffusers_options),
     }
     if config.sampling.karras:
         if SAMPLER_INFO[sampler].diffusers_karras:

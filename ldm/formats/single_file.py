@@ -14,7 +14,10 @@ layout of the CompVis (SD 1.x) and Stability (SD 2.x) training code:
   (open_clip names), either a complete or an exported tower (:mod:`ldm.formats.single_file_config`;
   an exported one is renamed here for a transformers ``CLIPTextModel``);
 * ``betas``, ``alphas_cumprod``, ...: the DDPM schedule as buffers. They are checked against the
-  config (a warning when they differ), never loaded: every reader recomputes them.
+  config (a warning when they differ), never loaded: every reader recomputes them;
+* ``low_scale_model.betas``, ``low_scale_model.alphas_cumprod``, ...: SD's x4 upscaler only, the schedule
+  of the low-resolution image's noise augmentation (CompVis ``ImageConcatWithNoiseAugmentation``),
+  checked against ``config.upscale.noise_schedule`` in the same way.
 
 Our modules use exactly these names (minus the component prefix), so reading is mostly a matter of
 finding the configuration. It comes from the first of:
@@ -55,7 +58,8 @@ from ldm.formats import text_keys as text_keymap
 from ldm.formats import vae_keys as vae_keymap
 from ldm.formats.checkpoints import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
 from ldm.formats.compvis import config_from_compvis
-from ldm.formats.single_file_config import POSITION_IDS, infer_config, key_indices, text_layout
+from ldm.formats.single_file_config import (POSITION_IDS, check_upscaler_channels, infer_config, key_indices,
+                                            text_layout)
 from ldm.models.text_encoders import TextEncoderConfig
 from ldm.models.unet import UNetConfig, UNetModel
 from ldm.sampling.schedule import NoiseSchedule, ScheduleConfig
@@ -76,6 +80,7 @@ EMA_PREFIX = "model_ema."
 UNET_EMA_PREFIX = "model_ema.diffusion_model"
 EMA_BUFFERS = ("model_ema.decay", "model_ema.num_updates")
 CONFIG_METADATA_KEY = "ldm_config"
+LOW_SCALE_PREFIX = "low_scale_model."  # the x4 upscaler's augmentation schedule buffers
 # Buffers of CompVis' DDPM class: derived from the schedule, never loaded.
 SCHEDULE_BUFFERS = frozenset({
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
@@ -148,7 +153,12 @@ def read_single_file(
     # The VAE architecture is read from the checkpoint's own VAE when it has one.
     for_inference = {**parts, "vae": parts["vae"] or vae_weights, "text_encoder": text_weights}
     resolved = _resolve_config(config, path, for_inference, prediction)
-    checkpoints.check_unet_channels(resolved.unet, resolved.vae, source)
+    if resolved.is_upscaler:
+        check_upscaler_channels(resolved.unet, resolved.vae, source)
+        low_scale = {k[len(LOW_SCALE_PREFIX):]: other.pop(k) for k in list(other) if k.startswith(LOW_SCALE_PREFIX)}
+        _check_schedule_buffers(low_scale, resolved.upscale.noise_schedule, f"{source} ({LOW_SCALE_PREFIX}*)")
+    else:
+        checkpoints.check_unet_channels(resolved.unet, resolved.vae, source)
 
     ema_unet, non_ema_unet = _unet_weight_sets(parts["unet"], other, resolved.unet, ema, source)
     used_ema = _use_ema(ema, ema_unet, non_ema_unet, source)
@@ -337,8 +347,10 @@ def _config_from_sources(config, path: Path, parts: dict[str, dict[str, Tensor]]
     if beside.is_file():
         logger.info("%s: using the CompVis config beside it, %s", path, beside)
         return config_from_compvis(read_yaml(beside), parts, source=str(beside))
-    inferred = infer_config(parts, prediction=prediction or "eps")
-    if inferred.text_encoder.width == 1024 and prediction is None:
+    inferred = infer_config(parts, prediction=prediction)
+    if inferred.is_upscaler:
+        logger.info("%s: an x4 upscaler (label embedding, latents + RGB input); settings of x4-upscaling.yaml", path)
+    elif inferred.text_encoder.width == 1024 and prediction is None:
         logger.info("%s: SD 2.x weights, assuming eps prediction; 768-v models need prediction='v' "
                     "(--prediction v) or configs/sd-v2-inference-v.yaml", path)
     return inferred

@@ -23,6 +23,14 @@ from the shapes of the weights (module-relative state dicts, as
 What no weight shows takes the Stable Diffusion value (the constants below): 32 normalisation
 groups, 64-channel text-encoder heads, the SD noise schedule, eps prediction, VAE scaling 0.18215.
 
+SD's x4 upscaler (``x4-upscaler-ema.safetensors``, Stability's ``x4-upscaling.yaml``) is recognised by
+its U-Net: a label embedding ``label_emb.weight [num_classes, time_embed_dim]`` (the augmentation noise
+level) and ``latent_channels + 3`` input channels (latents + the low-resolution RGB image). Its first
+attention is cross-attention on some levels (``disable_self_attentions``), seen in ``attn1.to_k.weight
+[inner, context_dim]`` instead of ``[inner, inner]``. What its weights do not show comes from the YAML
+(:func:`upscaler_config`): v prediction on the 1e-4 .. 0.02 schedule, 8 heads per attention, VAE scaling
+0.08333, augmentation levels up to 350.
+
 Two kinds of SD 2.x text encoder are found in single files. A *complete* OpenCLIP tower (every
 Stability release) holds all blocks plus ``text_projection`` and ``logit_scale``; SD 2.x uses the
 penultimate block's output. An *exported* tower (written from a diffusers folder, as diffusers'
@@ -49,6 +57,7 @@ from ldm.formats.checkpoints import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
 from ldm.models.text_encoders import TextEncoderConfig
 from ldm.models.unet import UNetConfig
 from ldm.sampling.schedule import ScheduleConfig
+from ldm.upscaling import UpscaleConfig
 
 __all__ = [
     "CLIP_TEXT_PREFIX",
@@ -57,6 +66,8 @@ __all__ = [
     "OPENCLIP_PREFIX",
     "POSITION_IDS",
     "TEXT_HEAD_CHANNELS",
+    "UPSCALER_SCALING_FACTOR",
+    "check_upscaler_channels",
     "exported_text_config",
     "infer_config",
     "infer_text_config",
@@ -65,6 +76,7 @@ __all__ = [
     "key_indices",
     "native_sampling",
     "text_layout",
+    "upscaler_config",
 ]
 
 # Text-encoder key layouts, module-relative (no ``cond_stage_model.``).
@@ -79,6 +91,10 @@ TEXT_HEAD_CHANNELS = 64  # CLIP ViT-L/14 (768 / 12) and OpenCLIP ViT-H/14 (1024 
 SD1_UNET_HEADS = {"num_heads": 8, "num_head_channels": -1}
 SD2_UNET_HEADS = {"num_heads": -1, "num_head_channels": 64}
 DEFAULT_SCALING_FACTOR = 0.18215
+# SD's x4 upscaler (x4-upscaling.yaml); diffusers' StableDiffusionUpscalePipeline imposes the scaling factor.
+UPSCALER_SCALING_FACTOR = 0.08333
+UPSCALER_UNET_HEADS = {"num_heads": 8, "num_head_channels": -1}
+UPSCALER_LATENT_SIZE = 128
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,22 +102,56 @@ DEFAULT_SCALING_FACTOR = 0.18215
 # --------------------------------------------------------------------------------------------
 
 
-def infer_config(parts: Mapping[str, Mapping[str, Tensor]], *, prediction: str = "eps") -> PipelineConfig:
+def infer_config(parts: Mapping[str, Mapping[str, Tensor]], *, prediction: str | None = None) -> PipelineConfig:
     """A PipelineConfig from the shapes of an original checkpoint's weights.
 
     Args:
         parts: ``{"unet", "vae", "text_encoder"}`` module-relative state dicts, as
             :func:`ldm.formats.checkpoints.split_components` gives (tensors may live on the meta device).
-        prediction: the parameterisation (not visible in weights). SD 2.x v-prediction models
-            get their native 768x768 size, every other model 512x512 (for an f=8 VAE).
+        prediction: the parameterisation (not visible in weights); ``None``: eps, except for the x4
+            upscaler (v). SD 2.x v-prediction models get their native 768x768 size, every other
+            text-to-image model 512x512 (for an f=8 VAE).
     """
     text = infer_text_config(parts["text_encoder"])
     family = "sd2" if text_layout(parts["text_encoder"]) != "clip" else "sd1"
     unet = infer_unet_config(parts["unet"], family)
     vae = infer_vae_config(parts["vae"])
+    if is_upscaler_unet(unet, vae):
+        config = upscaler_config(unet, vae, text)
+        return config if prediction is None else replace(config, schedule=replace(config.schedule,
+                                                                                 prediction=prediction))
+    prediction = prediction or "eps"
     latent_size = 96 if family == "sd2" and prediction == "v" else 64
     return PipelineConfig(unet=unet, vae=vae, text_encoder=text, schedule=ScheduleConfig(prediction=prediction),
                           sampling=native_sampling(latent_size, vae))
+
+
+def is_upscaler_unet(unet: UNetConfig, vae: AutoencoderConfig) -> bool:
+    """Whether a U-Net reads latents + an RGB image and a label (the x4 upscaler's noise level)."""
+    return unet.num_classes is not None and unet.in_channels == vae.latent_channels + 3
+
+
+def upscaler_config(unet: UNetConfig, vae: AutoencoderConfig, text: TextEncoderConfig) -> PipelineConfig:
+    """SD's x4 upscaler around sizes read from the weights, the rest from Stability's x4-upscaling.yaml:
+    8 heads, VAE scaling 0.08333, v prediction on scaled-linear betas 1e-4 .. 0.02 with CompVis' DDIM
+    spacing, and the default augmentation (:class:`~ldm.upscaling.UpscaleConfig`: max level 350)."""
+    return PipelineConfig(
+        unet=replace(unet, **UPSCALER_UNET_HEADS),
+        vae=replace(vae, scaling_factor=UPSCALER_SCALING_FACTOR),
+        text_encoder=text,
+        schedule=ScheduleConfig(beta_start=0.0001, beta_end=0.02, prediction="v"),
+        sampling=native_sampling(UPSCALER_LATENT_SIZE, vae),
+        upscale=UpscaleConfig(),
+    )
+
+
+def check_upscaler_channels(unet: UNetConfig, vae: AutoencoderConfig, source: str) -> None:
+    """Refuse a super-resolution U-Net that does not take latents + RGB image and a noise-level label."""
+    if not is_upscaler_unet(unet, vae) or unet.out_channels != vae.latent_channels:
+        raise CheckpointError(
+            f"{source}: an x4-upscaler U-Net maps {vae.latent_channels} + 3 channels to {vae.latent_channels} "
+            f"with a noise-level label embedding; this one maps {unet.in_channels} to {unet.out_channels} "
+            f"(num_classes={unet.num_classes})")
 
 
 def native_sampling(latent_size: int, vae: AutoencoderConfig) -> SamplingDefaults:
@@ -146,6 +196,7 @@ def infer_unet_config(weights: Mapping[str, Tensor], family: str) -> UNetConfig:
             for level in levels]
     attention = [n for n, level in enumerate(levels) if f"input_blocks.{level[0]}.1.proj_in.weight" in weights]
     to_k = _need(weights, "middle_block.1.transformer_blocks.0.attn2.to_k.weight", "U-Net")
+    label_emb = weights.get("label_emb.weight")
     try:
         return UNetConfig(
             in_channels=in_channels,
@@ -159,10 +210,27 @@ def infer_unet_config(weights: Mapping[str, Tensor], family: str) -> UNetConfig:
             use_linear_in_transformer=weights["middle_block.1.proj_in.weight"].ndim == 2,
             upcast_attention=family == "sd2",  # Stability's SD 2 code computes attention in float32
             norm_groups=COMPVIS_NORM_GROUPS,
+            num_classes=label_emb.shape[0] if label_emb is not None else None,
+            disable_self_attentions=_self_attention_disabled(weights, levels, attention, to_k.shape[1]),
             **(SD2_UNET_HEADS if family == "sd2" else SD1_UNET_HEADS),
         )
     except ValueError as error:
         raise CheckpointError(f"cannot build a U-Net for these weights ({error}); pass a config") from None
+
+
+def _self_attention_disabled(weights: Mapping[str, Tensor], levels: list[list[int]], attention: list[int],
+                             context_dim: int) -> tuple[bool, ...] | None:
+    """Per level, whether the first attention reads the text (``attn1.to_k.weight [inner, context_dim]``);
+    ``None`` when no level does. A level without attention takes the flag of the nearest level with
+    attention (the flag changes nothing there; Stability's x4 YAML writes it so). When the blocks are as
+    wide as the context, the two cannot be told apart: self-attention is assumed."""
+    flags = {}
+    for n in attention:
+        to_k = weights.get(f"input_blocks.{levels[n][0]}.1.transformer_blocks.0.attn1.to_k.weight")
+        flags[n] = to_k is not None and to_k.shape[1] == context_dim != to_k.shape[0]
+    if not any(flags.values()):
+        return None
+    return tuple(flags[min(attention, key=lambda a: (abs(a - n), -a))] for n in range(len(levels)))
 
 
 def infer_vae_config(

@@ -15,6 +15,11 @@ then a final LayerNorm. ``layer="penultimate"`` (SD2; "clip skip 2" for SD1 mode
 output of the second-to-last block and applies the final LayerNorm to it.
 
 Diffusers folders go through :mod:`ldm.formats.text_keys`.
+
+Textual-inversion embeddings (:meth:`_TextEncoderBase.add_embedding`) are vectors that stand in for a
+trigger word's token embeddings: ``forward(..., replacements=...)`` puts them at the given positions
+of the token-embedding output (the web UI's way; diffusers appends rows to the vocabulary instead,
+which gives the same hidden states).
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, Sequence, runtime_checkable
+from typing import Any, Iterator, Literal, Protocol, Sequence, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -132,10 +138,27 @@ class _TextEncoderBase(nn.Module):
         super().__init__()
         self.config = config
         self.tokenizer = ClipTokenizer(max_length=config.max_length, pad=config.pad)
+        self.textual_inversions: dict[str, Tensor] = {}  # trigger word -> vectors [n, width] (not in the state dict)
 
     @property
     def width(self) -> int:
         return self.config.width
+
+    def add_embedding(self, token: str, vectors: Tensor) -> None:
+        """Make ``token`` in a prompt stand for ``vectors [n, width]`` (a textual-inversion embedding of
+        ``n`` tokens); ``ValueError`` with a one-line message when the width is not this encoder's."""
+        if vectors.ndim != 2 or vectors.shape[1] != self.width:
+            raise ValueError(f"embedding {token!r} has vectors of width {vectors.shape[-1]}, but this model's text "
+                             f"encoder takes {self.width} (an embedding trained for another model family?)")
+        if not self.tokenizer.encode_text(token):
+            raise ValueError(f"embedding trigger {token!r} holds no words")
+        if vectors.shape[0] > self.config.max_length - 2:
+            raise ValueError(f"embedding {token!r} has {vectors.shape[0]} vectors; a prompt chunk holds "
+                             f"{self.config.max_length - 2}")
+        self.textual_inversions[token] = vectors.detach().float().cpu()
+
+    def token_embedding(self) -> nn.Embedding:
+        raise NotImplementedError
 
     def encode(self, prompts: Sequence[str]) -> Tensor:
         """``prompts`` (B strings) -> ``context [B, max_length, width]`` on the module's device."""
@@ -225,13 +248,19 @@ class CLIPTextEncoder(_TextEncoderBase):
         positions = torch.arange(self.config.max_length, device=device).expand((1, -1))
         embeddings.register_buffer("position_ids", positions, persistent=False)
 
-    def forward(self, input_ids: Tensor, clip_skip: int = 1) -> Tensor:
-        """``input_ids [B, L]`` -> ``context [B, L, width]`` (``clip_skip``: see :func:`blocks_used`)."""
+    def token_embedding(self) -> nn.Embedding:
+        model = self.hf_model
+        return (model.embeddings if hasattr(model, "embeddings") else model.text_model.embeddings).token_embedding
+
+    def forward(self, input_ids: Tensor, clip_skip: int = 1, replacements: Sequence[Replacement] = ()) -> Tensor:
+        """``input_ids [B, L]`` -> ``context [B, L, width]`` (``clip_skip``: see :func:`blocks_used`;
+        ``replacements``: token vectors to use instead of the ids' embeddings, see :func:`replaced_token_vectors`)."""
         blocks = blocks_used(self.config, clip_skip)
-        if blocks == self.config.layers:
-            return self.hf_model(input_ids=input_ids).last_hidden_state
-        # hidden_states = (embeddings, block 1, ..., block N): entry k is block k's output.
-        hidden_states = self.hf_model(input_ids=input_ids, output_hidden_states=True).hidden_states
+        with replaced_token_vectors(self.token_embedding(), replacements):
+            if blocks == self.config.layers:
+                return self.hf_model(input_ids=input_ids).last_hidden_state
+            # hidden_states = (embeddings, block 1, ..., block N): entry k is block k's output.
+            hidden_states = self.hf_model(input_ids=input_ids, output_hidden_states=True).hidden_states
         return self._final_layer_norm()(hidden_states[blocks])
 
 
@@ -357,9 +386,39 @@ class OpenCLIPTextEncoder(_TextEncoderBase):
         super().__init__(config)
         self.model = OpenCLIPTextTower(config)
 
-    def forward(self, input_ids: Tensor, clip_skip: int = 1) -> Tensor:
-        """``input_ids [B, L]`` -> ``context [B, L, width]`` (``clip_skip``: see :func:`blocks_used`)."""
-        return self.model(input_ids, num_blocks=blocks_used(self.config, clip_skip))
+    def token_embedding(self) -> nn.Embedding:
+        return self.model.token_embedding
+
+    def forward(self, input_ids: Tensor, clip_skip: int = 1, replacements: Sequence[Replacement] = ()) -> Tensor:
+        """``input_ids [B, L]`` -> ``context [B, L, width]`` (``clip_skip``: see :func:`blocks_used`;
+        ``replacements``: see :func:`replaced_token_vectors`)."""
+        with replaced_token_vectors(self.token_embedding(), replacements):
+            return self.model(input_ids, num_blocks=blocks_used(self.config, clip_skip))
+
+
+# (row, position, vectors [n, width]): the token embeddings of row ``row`` at positions position..position+n-1
+Replacement = tuple[int, int, Tensor]
+
+
+@contextmanager
+def replaced_token_vectors(embedding: nn.Embedding, replacements: Sequence[Replacement]) -> Iterator[None]:
+    """While active, ``embedding``'s output ``[B, L, width]`` carries each replacement's vectors at its
+    row and positions (a forward hook on this one module, removed on exit)."""
+    if not replacements:
+        yield
+        return
+
+    def put_vectors(_module: nn.Module, _inputs, output: Tensor) -> Tensor:
+        output = output.clone()
+        for row, position, vectors in replacements:
+            output[row, position:position + vectors.shape[0]] = vectors.to(output)
+        return output
+
+    handle = embedding.register_forward_hook(put_vectors)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def blocks_used(config: TextEncoderConfig, clip_skip: int = 1) -> int:

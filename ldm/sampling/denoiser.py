@@ -8,6 +8,7 @@ step ``t``, and back from its eps- or v-prediction to an estimate of the clean l
 
 from __future__ import annotations
 
+import itertools
 from typing import Callable
 
 import torch
@@ -88,19 +89,29 @@ def cfg_denoiser(
 
     Args:
         denoiser: ``D(x, sigma, context) -> x0``, e.g. a :class:`DiscreteDenoiser`.
-        cond, uncond: contexts ``[B, L, D]`` (the same batch size B as ``x``).
+        cond, uncond: contexts ``[B, L, D]`` (the same batch size B as ``x``), or schedules of them
+            (an object with ``shape`` and ``at(call) -> [B, L, D]``, e.g.
+            :class:`ldm.models.prompt_encoding.ContextSchedule`: prompt editing), asked once per call.
         scale: guidance scale ``w``; 1 means no guidance.
     """
+    cond_at, uncond_at, calls = _per_call(cond), _per_call(uncond), itertools.count()
     if scale == 1:
-        return lambda x, sigma: denoiser(x, sigma, cond)
+        return lambda x, sigma: denoiser(x, sigma, cond_at(next(calls)))
     if uncond is None:
         raise ValueError("guidance scale != 1 needs an unconditional context")
     if uncond.shape != cond.shape:
         raise ValueError(f"uncond shape {tuple(uncond.shape)} != cond shape {tuple(cond.shape)}")
-    both_contexts = torch.cat([uncond, cond])
+    fixed_contexts = torch.cat([uncond, cond]) if isinstance(cond, Tensor) and isinstance(uncond, Tensor) else None
 
     def guided(x: Tensor, sigma: Tensor) -> Tensor:
+        call = next(calls)
+        both_contexts = fixed_contexts if fixed_contexts is not None else torch.cat([uncond_at(call), cond_at(call)])
         x0_uncond, x0_cond = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), both_contexts).chunk(2)
         return x0_uncond + scale * (x0_cond - x0_uncond)
 
     return guided
+
+
+def _per_call(context) -> Callable[[int], Tensor | None]:
+    """A context tensor (or None) -> ``call -> it``; a context schedule -> its ``at``."""
+    return context.at if hasattr(context, "at") else (lambda _call: context)

@@ -25,11 +25,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import scipy.special
 import torch
 from torch import Tensor
 
 from ldm.config_io import strict_from_dict
-from ldm.sampling.registry import DISCRETISATIONS, sampler_info
+from ldm.sampling.registry import DISCRETISATIONS, SCHEDULE_NAMES, sampler_info
 
 BETA_SCHEDULES = ("scaled_linear", "linear", "cosine")
 PREDICTIONS = ("eps", "v")
@@ -39,7 +40,8 @@ TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 #   "ddpm": the strided discrete chain, ending at sigma = 0 (diffusers DDPMScheduler)
 #   "ddim": the strided discrete chain, ending at sigma(t=0) (DDIMScheduler, set_alpha_to_one=False)
 #   "k":    the Euler-family chain (Euler/EulerAncestral/Heun DiscreteScheduler), ending at 0
-#   "dpm":  the DPMSolverMultistepScheduler chain (its own timestep spacing), ending at 0
+#   "dpm":  the DPMSolverMultistepScheduler / UniPCMultistepScheduler chain (its own timestep spacing), ending at 0
+#   "lcm":  LCMScheduler's timesteps (a subset of its 50 "original" steps), ending at 0
 # (ldm.sampling.registry names the chain of each sampler.)
 TERMINAL_ALPHA_BAR = 2.0**-24  # alpha_bar in place of an exact 0 (zero terminal SNR) for sigma = sqrt((1-abar)/abar)
 
@@ -133,6 +135,19 @@ def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) 
     return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
 
 
+LCM_ORIGINAL_STEPS = 50  # diffusers' LCMScheduler ``original_inference_steps`` (the distillation's grid)
+
+
+def lcm_timesteps(num_steps: int, num_train_timesteps: int, original_steps: int = LCM_ORIGINAL_STEPS) -> np.ndarray:
+    """LCMScheduler's timesteps: ``num_steps`` of the distillation grid ``k - 1, 2k - 1, ..., T - 1``
+    (``k = T // original_steps``), evenly spaced from the top, descending (``[999, 759, 499, 259]`` for 4)."""
+    if num_steps > original_steps:
+        raise ValueError(f"LCM takes at most {original_steps} steps (its distillation grid), got {num_steps}")
+    k = num_train_timesteps // original_steps
+    grid = (np.arange(1, original_steps + 1) * k - 1)[::-1]
+    return grid[np.floor(np.linspace(0, original_steps, num_steps, endpoint=False)).astype(np.int64)]
+
+
 def _compute_dtype(device: torch.device) -> torch.dtype:
     """float64 for schedule arithmetic wherever the device has it."""
     return torch.float32 if device.type == "mps" else torch.float64
@@ -210,7 +225,9 @@ class NoiseSchedule:
         n_train, spacing, offset = self.num_train_timesteps, self.config.timestep_spacing, self.config.steps_offset
         if not 1 <= num_steps <= n_train:
             raise ValueError(f"num_steps must be in [1, {n_train}], got {num_steps}")
-        if kind == "dpm":
+        if kind == "lcm":
+            t = lcm_timesteps(num_steps, n_train)
+        elif kind == "dpm":
             if spacing == "linspace":
                 t = np.linspace(0, n_train - 1, num_steps + 1).round()[::-1][:-1]
             elif spacing == "leading":
@@ -231,41 +248,78 @@ class NoiseSchedule:
             t = t.astype(np.float32)  # diffusers' Euler family keeps float32 fractional timesteps
         return torch.tensor(t.tolist(), dtype=torch.float64)
 
-    def sampling_sigmas(self, num_steps: int, *, sampler: str, karras: bool = False) -> Tensor:
+    def sampling_sigmas(self, num_steps: int, *, sampler: str, karras: bool = False,
+                        schedule: str = "default") -> Tensor:
         """The descending sigma chain a sampler walks: float32 ``[num_steps + 1]``.
 
-        ``sigmas[i]`` is the noise level before step ``i`` and ``sigmas[i+1]`` after it. The chain is
-        the one of the diffusers scheduler that matches ``sampler`` (``discretisation`` in :mod:`ldm.sampling.registry`):
+        ``sigmas[i]`` is the noise level before step ``i`` and ``sigmas[i+1]`` after it. With
+        ``schedule="default"`` the chain is the one of the diffusers scheduler that matches ``sampler``
+        (``discretisation`` in :mod:`ldm.sampling.registry`):
 
         * ``"ddpm"``: sigma at each inference timestep, then 0 (DDPMScheduler's last step lands on
           alpha_bar = 1).
-        * ``"ddim"``: sigma at each inference timestep, then sigma(t=0) = sqrt(beta_0 / (1 - beta_0)),
+        * ``"ddim"`` (ddim, plms): sigma at each inference timestep, then sigma(t=0) = sqrt(beta_0 / (1 - beta_0)),
           as DDIMScheduler with ``set_alpha_to_one=False`` (Stable Diffusion's setting). The result
           of such a chain is still noisy at sigma(0) ~ 0.03; :func:`ldm.sampling.samplers.final_latents`
           converts it to diffusers' latent scale. (diffusers' DDIM steps to ``t - T//n``, which is
           the next timestep for "leading" spacing; we always step to the next timestep.)
-        * ``"k"`` (euler, euler_ancestral, heun): sigma at each timestep, then 0.
-        * ``"dpm"`` (dpmpp_2m): sigma at DPMSolverMultistep's timesteps, then 0.
+        * ``"k"`` (euler, euler_ancestral, heun, lms, dpm2, dpm2_ancestral, dpmpp_sde): sigma at each timestep, then 0.
+        * ``"dpm"`` (dpmpp_2m, dpmpp_2m_sde, unipc): sigma at DPMSolverMultistep's timesteps, then 0.
+        * ``"lcm"``: sigma at LCMScheduler's timesteps (:func:`lcm_timesteps`), then 0.
 
-        With ``karras=True`` the ``num_steps`` sigmas follow Karras et al. (2022) eq. 5 with rho=7,
-        then the same final entry. As in diffusers, the "k" chain spans sigma(t_last)..sigma(t_first)
-        of the spaced timesteps, while the "dpm" chain spans the full training range
-        sigma(0)..sigma(T-1). (diffusers' DDPM/DDIM have no Karras option; we span as "k".)
+        The other schedules (AUTOMATIC1111's schedule types) place the ``num_steps`` sigmas
+        differently (see :meth:`schedule_sigmas`) and end at 0 for every sampler, as k-diffusion's
+        chains do; ``karras=True`` is ``schedule="karras"`` (the config flag of older versions).
 
         Fractional timesteps (Euler-family "linspace" spacing) get log-linearly interpolated sigmas
         (:meth:`t_to_sigma`); diffusers interpolates sigma linearly there, a difference < 1e-3
         relative.
         """
+        if karras and schedule not in ("default", "karras"):
+            raise ValueError(f"karras=True contradicts schedule={schedule!r}")
+        schedule = "karras" if karras else schedule
+        if schedule not in SCHEDULE_NAMES:
+            raise ValueError(f"schedule must be one of {SCHEDULE_NAMES}, got {schedule!r}")
         kind = _discretisation(sampler)
         t = self.timesteps(num_steps, sampler=sampler)
-        if not karras:
+        if schedule == "default":
             sigmas = self.t_to_sigma(t)
-        elif kind == "dpm":
-            sigmas = karras_sigmas(num_steps, self.sigma_min, self.sigma_max)
         else:
-            sigmas = karras_sigmas(num_steps, float(self.t_to_sigma(t[-1])), float(self.t_to_sigma(t[0])))
-        final = self.sigma_min if kind == "ddim" else 0.0
+            # diffusers' Karras/exponential/beta options span the spaced timesteps' range, except that
+            # DPM-Solver and UniPC span the whole training range (as AUTOMATIC1111 always does)
+            span = (self.sigma_min, self.sigma_max) if kind == "dpm" else (
+                float(self.t_to_sigma(t[-1])), float(self.t_to_sigma(t[0])))
+            sigmas = self.schedule_sigmas(schedule, num_steps, *span)
+        final = self.sigma_min if kind == "ddim" and schedule == "default" else 0.0
         return torch.cat([sigmas, sigmas.new_tensor([final])]).to(torch.float32)
+
+    def schedule_sigmas(self, schedule: str, n: int, sigma_min: float, sigma_max: float) -> Tensor:
+        """``n`` descending sigmas (float64 ``[n]``, no final entry) of one of AUTOMATIC1111's schedule types.
+
+        ``karras``: Karras et al. (2022) eq. 5, rho = 7; ``exponential``: evenly spaced in log sigma;
+        ``beta``: sigma_min + q (sigma_max - sigma_min) at the quantiles q = Beta(0.6, 0.6)^-1(1 - i/(n-1))
+        (Lee et al. 2024; the web UI's and diffusers' defaults); these three span [sigma_min, sigma_max].
+        The rest are defined on the training steps (the web UI's ``inner_model``), whatever the span:
+        ``uniform``: t evenly spaced from T-1 to 0 (k-diffusion's ``get_sigmas``); ``sgm_uniform``:
+        t = linspace(T-1, 0, n + 1) without its last entry (Stability's sgm); ``simple``: every
+        (T/n)-th training sigma from the top.
+        """
+        top = self.num_train_timesteps - 1
+        if schedule == "karras":
+            return karras_sigmas(n, sigma_min, sigma_max)
+        if schedule == "exponential":
+            return torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64).exp()
+        if schedule == "beta":
+            quantiles = scipy.special.betaincinv(0.6, 0.6, 1 - np.linspace(0, 1, n))
+            return torch.tensor(sigma_min + quantiles * (sigma_max - sigma_min), dtype=torch.float64)
+        if schedule == "uniform":
+            return self.t_to_sigma(torch.linspace(top, 0, n, dtype=torch.float64))
+        if schedule == "sgm_uniform":
+            return self.t_to_sigma(torch.linspace(top, 0, n + 1, dtype=torch.float64)[:-1])
+        if schedule == "simple":
+            stride = self.num_train_timesteps / n
+            return self.sigmas[[top - int(i * stride) for i in range(n)]]
+        raise ValueError(f"schedule must be one of {SCHEDULE_NAMES[1:]}, got {schedule!r}")
 
 
 def _discretisation(sampler: str) -> str:

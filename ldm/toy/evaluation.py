@@ -246,12 +246,14 @@ def vae_round_trip(vae, images: Sequence[Image.Image], *, batch_size: int = 32) 
     return outputs
 
 
-def generate_images(pipe, prompts: Sequence[EvalPrompt], options, *, batch_size: int = 16) -> list[Image.Image]:
+def generate_images(pipe, prompts: Sequence[EvalPrompt], options, *, batch_size: int = 16, upscaler=None,
+                    upscale_steps: int | None = None) -> list[Image.Image]:
     """Sample one image per prompt; prompt ``i`` uses its own ``seed``.
 
     ``options`` is a :class:`ldm.config.SamplingDefaults`. With ``batch_size`` 1 each image is
     exactly what ``txt2img.py`` writes for that prompt and seed; larger batches are several
-    times faster on a CPU and equal up to float rounding.
+    times faster on a CPU and equal up to float rounding. An ``upscaler`` (a super-resolution
+    pipeline) then enlarges every image as ``txt2img.py``'s cascade does (same prompt and seed).
     """
     images = []
     for start in range(0, len(prompts), batch_size):
@@ -264,6 +266,9 @@ def generate_images(pipe, prompts: Sequence[EvalPrompt], options, *, batch_size:
             eta=options.eta, karras=options.karras, signal_leak=options.signal_leak is not None,
             batch_invariant=batch_size == 1,
         ))
+        if upscaler is not None:
+            images[start:] = upscaler.upscale(images[start:], [p.prompt for p in chunk], seed=chunk[0].seed,
+                                              steps=upscale_steps)
         logger.info("generated %d/%d images", len(images), len(prompts))
     return images
 
@@ -287,6 +292,7 @@ class EvaluationSettings:
     width: int | None = None
     batch_size: int = 16
     signal_leak: bool | None = None  # None: the model's setting
+    upscale_steps: int | None = None  # the super-resolution stage's steps (None: its model's), with an upscaler
 
     def sampling_options(self, pipe):
         """The pipeline's :class:`SamplingDefaults` with these overrides, validated."""
@@ -313,22 +319,30 @@ class EvaluationResult:
         return {k: v for k, v in asdict(self).items() if k not in ("images", "prompts")}
 
 
-def evaluate(pipe, judge, settings: EvaluationSettings | None = None, *, model: str = "") -> EvaluationResult:
-    """Run the whole evaluation (see the module docstring) on ``pipe`` with ``judge``."""
+def evaluate(pipe, judge, settings: EvaluationSettings | None = None, *, model: str = "",
+             upscaler=None) -> EvaluationResult:
+    """Run the whole evaluation (see the module docstring) on ``pipe`` with ``judge``.
+
+    With an ``upscaler`` (the cascade's super-resolution stage) the generated images, the real renders and
+    the VAE round trips are all at the enlarged size; the judge reads each one shrunk to its own size
+    (box filter), so accuracies and Frechet distances compare like with like.
+    """
     settings = settings or EvaluationSettings()
     options = settings.sampling_options(pipe)
+    final_size = options.height * (upscaler.vae.downsample_factor if upscaler is not None else 1)
     prompts = evaluation_prompts(settings.n, heldout_per_pair=settings.heldout_per_pair, seed=settings.seed)
     pairs = [(p.colour, p.object) for p in prompts]
     seconds = {}
 
     started = time.perf_counter()
-    generated = generate_images(pipe, prompts, options, batch_size=settings.batch_size)
+    generated = generate_images(pipe, prompts, options, batch_size=settings.batch_size, upscaler=upscaler,
+                                upscale_steps=settings.upscale_steps)
     seconds["generate"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    real = render_real_images(pairs, stream=f"eval-real-a/{settings.seed}", image_size=options.height)
-    real_b = render_real_images(pairs, stream=f"eval-real-b/{settings.seed}", image_size=options.height)
-    round_trip = vae_round_trip(pipe.vae, real)
+    real = render_real_images(pairs, stream=f"eval-real-a/{settings.seed}", image_size=final_size)
+    real_b = render_real_images(pairs, stream=f"eval-real-b/{settings.seed}", image_size=final_size)
+    round_trip = vae_round_trip((upscaler or pipe).vae, real)
     seconds["real_and_vae"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -347,7 +361,7 @@ def evaluate(pipe, judge, settings: EvaluationSettings | None = None, *, model: 
 
     settings_dict = {**asdict(settings), **{k: getattr(options, k) for k in
                                             ("steps", "guidance_scale", "sampler", "height", "width", "eta", "karras")},
-                     "signal_leak": options.signal_leak is not None}
+                     "signal_leak": options.signal_leak is not None, "image_size": final_size}
     samples = [{**asdict(p), "judge_object": r["object"], "judge_colour": r["colour"],
                 "object_prob": round(r["object_prob"], 4), "colour_prob": round(r["colour_prob"], 4)}
                for p, r in zip(prompts, readings["generated"])]

@@ -27,16 +27,16 @@ from typing import Any, Sequence
 
 import torch
 
-from ldm.config import SECTION_CLASSES, PipelineConfig
+from ldm.config import OPTIONAL_SECTIONS, SECTION_CLASSES, PipelineConfig
 from ldm.config_io import check_keys, check_types, parse_yaml_value, plain_data, read_yaml, strict_from_dict
 from ldm.errors import ConfigError
 
 DATA_KINDS = ("procedural", "folder", "hub")
 PRECISIONS = ("no", "fp16", "bf16")
 OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_PIPELINE_SECTIONS = ("unet", "text_encoder", "schedule", "sampling")
+_PIPELINE_SECTIONS = ("unet", "text_encoder", "schedule", "sampling", "upscale")
 _INIT_OVERRIDABLE = ("schedule", "sampling")  # sections model.init may be combined with
-_TOP_LEVEL = ("model", "vae", "data", "training", "validation", "output", "run_dir")
+_TOP_LEVEL = ("model", "vae", "text_encoder", "data", "training", "validation", "output", "run_dir")
 # Settings a resumed session may change: how long to train, the learning-rate schedule, checkpointing,
 # logging, speed and memory options, the model's sampling defaults. All others (base model or
 # architecture, VAE, data, objective and method) define the run; validation and output never do.
@@ -62,6 +62,7 @@ class DataSettings:
     image_column: str = "image"
     caption_column: str = "text"
     repeats_column: str | None = None  # per-image repeats per epoch (folder/hub data)
+    latent_crop: int | None = None  # procedural: train on random square crops of this many latent pixels
     split: str = "train"
     resolution: int | None = None  # default: the model's sampling height
     crop: str = "center"  # center | random
@@ -137,6 +138,7 @@ class RunConfig:
     output: OutputSettings
     run_dir: str | None = None  # default: runs/<config file stem> (scripts/train.py)
     source: str = "config"
+    text_encoder: str | None = None  # a model whose (pretrained) text encoder a fresh model takes over
 
     @property
     def lora(self) -> LoraSettings | None:
@@ -184,7 +186,7 @@ def parse_run_config(data: dict, *, source: str = "config") -> RunConfig:
     if init is None and not model:
         raise ConfigError(f"{source}: model needs init (a pretrained model) or unet/text_encoder sections")
     for name, values in model.items():  # keys and types now, not after loading data (dotted keys named)
-        check_types(SECTION_CLASSES[name], values or {}, source=source, key=f"model.{name}")
+        check_types({**SECTION_CLASSES, **OPTIONAL_SECTIONS}[name], values or {}, source=source, key=f"model.{name}")
     if init is None:
         PipelineConfig.from_dict(model, source=f"{source}: model")  # partial sections merge into the init model's
     training_dict = dict(data.get("training") or {})
@@ -201,7 +203,8 @@ def parse_run_config(data: dict, *, source: str = "config") -> RunConfig:
         data=strict_from_dict(DataSettings, data.get("data") or {}, source=source, key="data"), training=settings,
         validation=strict_from_dict(ValidationSettings, validation, source=source, key="validation"),
         output=strict_from_dict(OutputSettings, output, source=source, key="output"),
-        run_dir=None if data.get("run_dir") is None else str(data["run_dir"]), source=source)
+        run_dir=None if data.get("run_dir") is None else str(data["run_dir"]), source=source,
+        text_encoder=None if data.get("text_encoder") is None else str(data["text_encoder"]))
     _check_values(config)
     return config
 
@@ -221,6 +224,10 @@ def _check_values(config: RunConfig) -> None:
             raise ConfigError(f"{where}: training.{name} must be >= 1, got {getattr(t, name)}")
     if config.model_init is None and config.vae is None:
         raise ConfigError(f"{where}: a fresh model (no model.init) needs vae: a folder from train_autoencoder.py")
+    if config.text_encoder is not None and (config.model_init is not None or "text_encoder" in config.model_sections):
+        raise ConfigError(f"{where}: text_encoder (a pretrained model's) excludes model.init and model.text_encoder")
+    if d.latent_crop is not None and (d.kind != "procedural" or d.latent_crop < 1):
+        raise ConfigError(f"{where}: data.latent_crop needs procedural data and a positive size")
     if t.text_encoder_lr is not None:
         if t.text_encoder_lr <= 0 or t.lr <= 0:
             raise ConfigError(f"{where}: training.text_encoder_lr and training.lr must be > 0")
@@ -234,9 +241,13 @@ def run_identity(config: RunConfig) -> dict[str, Any]:
     method; not the :data:`RESUMABLE_SETTINGS`, validation or output. A run directory records them
     (:mod:`ldm.training.run_state`) so that a session never continues another run by mistake."""
     settings = {"model.init": _location(config.model_init), "vae": _location(config.vae)}
+    if config.text_encoder is not None:  # absent from the identity of runs that never used it
+        settings["text_encoder"] = _location(config.text_encoder)
     settings.update(_flatten(config.model_sections, "model"))
     settings.update(_flatten(asdict(config.data), "data"))
     settings["data.source"] = _location(config.data.source)
+    if config.data.latent_crop is None:  # a later option: absent from the identity of runs that do not use it
+        del settings["data.latent_crop"]
     settings.update(_flatten(asdict(config.training), "training"))
     return {key: value for key, value in settings.items() if not _resumable(key)}
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -54,6 +55,7 @@ from ldm.training import objectives, run_state
 from ldm.training.data import (BucketBatchSampler, ImageCaptionDataset, cache_latents, collate_batch,
                                load_image_caption_dataset, vae_fingerprint)
 from ldm.training.ema import EMA
+from ldm.upscaling import LowResAugmentation
 from ldm.training.run_config import (OUTPUT_DTYPES, DataSettings, RunConfig, TrainSettings, ValidationSettings,
                                      run_identity)
 
@@ -70,8 +72,11 @@ RUN_ID_KEY = "ldm_run_id"  # the run id in the metadata of an exported LoRA file
 
 
 def load_vae_folder(folder: str | Path):
-    """The frozen autoencoder written by ``scripts/toy/train_autoencoder.py`` (``vae.yaml`` + ``vae.safetensors``)."""
+    """The frozen autoencoder written by ``scripts/toy/train_autoencoder.py`` (``vae.yaml`` + ``vae.safetensors``),
+    or the autoencoder of a saved model (any folder or file ``from_pretrained`` reads)."""
     folder = Path(folder)
+    if not (folder / "vae.yaml").is_file() and _is_model(folder):
+        return Txt2ImgPipeline.from_pretrained(folder).vae
     if not (folder / "vae.yaml").is_file():
         raise ConfigError(f"vae folder {folder} has no vae.yaml (write it with scripts/toy/train_autoencoder.py)")
     meta = read_yaml(folder / "vae.yaml", what="vae config")
@@ -90,11 +95,20 @@ def build_pipeline(config: RunConfig):
             pipe.replace_config_sections(config.model_sections, source=f"{config.source}: model")
         return pipe
     vae = load_vae_folder(config.vae)
-    pipeline_config = PipelineConfig.from_dict({**config.model_sections, "vae": vae.config.to_dict()},
-                                               source=f"{config.source}: model")
+    sections = {**config.model_sections, "vae": vae.config.to_dict()}
+    pretrained_text = None
+    if config.text_encoder is not None:  # a pretrained text encoder (frozen unless training says otherwise)
+        pretrained_text = Txt2ImgPipeline.from_pretrained(config.text_encoder)
+        sections["text_encoder"] = pretrained_text.config.text_encoder.to_dict()
+    pipeline_config = PipelineConfig.from_dict(sections, source=f"{config.source}: model")
     torch.manual_seed(config.training.seed)
-    unet, text_encoder = UNetModel(pipeline_config.unet), build_text_encoder(pipeline_config.text_encoder)
+    unet = UNetModel(pipeline_config.unet)
+    text_encoder = pretrained_text.text_encoder if pretrained_text else build_text_encoder(pipeline_config.text_encoder)
     return Txt2ImgPipeline(pipeline_config, unet, vae, text_encoder)
+
+
+def _is_model(path: Path) -> bool:
+    return path.is_file() or (path / "config.yaml").is_file() or (path / "model_index.json").is_file()
 
 
 class TrainableParameters(nn.Module):
@@ -178,47 +192,100 @@ def load_trained_weights(trained: dict[str, nn.Module], weights: dict[str, torch
 
 
 class ProceduralLatents:
-    """A pool of procedural images encoded once into latents; batches drawn with replacement per step."""
+    """A pool of procedural images encoded once into latents; batches drawn with replacement per step.
 
-    def __init__(self, latents: torch.Tensor, captions: list[str], batch_size: int) -> None:
+    For a super-resolution model the pool also holds each image rendered small (``[N, 3, h, w]`` uint8,
+    the latents' spatial size: the same scene drawn at ``1 / downsample_factor`` of the side), and
+    ``latent_crop`` cuts the same random square out of the latents and the small image.
+    """
+
+    def __init__(self, latents: torch.Tensor, captions: list[str], batch_size: int, *,
+                 low_res: torch.Tensor | None = None, latent_crop: int | None = None) -> None:
         self.latents, self.captions, self.batch_size = latents, captions, batch_size
+        self.low_res, self.latent_crop = low_res, latent_crop
+        if latent_crop is not None and latent_crop > min(latents.shape[-2:]):
+            raise ConfigError(f"data.latent_crop {latent_crop} is larger than the latents {tuple(latents.shape[-2:])}")
 
     @classmethod
     @torch.no_grad()
-    def build(cls, vae, settings: DataSettings, cache: Path, batch_size: int, device) -> "ProceduralLatents":
-        """Posterior-mean latents ``z [N, C, h, w]`` of ``pool_size`` procedural images, cached in ``cache``
-        with their captions and a fingerprint of the data seed, pool size and VAE (a cache made for other
-        ones is recomputed, not used)."""
-        fingerprint = json.dumps({"seed": settings.seed, "pool_size": settings.pool_size, "vae": vae_fingerprint(vae)})
+    def build(cls, vae, settings: DataSettings, cache: Path, batch_size: int, device, *, image_size: int = 64,
+              with_low_res: bool = False) -> "ProceduralLatents":
+        """Posterior-mean latents ``z [N, C, h, w]`` of ``pool_size`` procedural images of ``image_size``
+        pixels (and their small renders when ``with_low_res``), cached in ``cache`` with their captions and a
+        fingerprint of the data seed, pool size, sizes and VAE (a cache made for other ones is recomputed,
+        not used)."""
+        identity = {"seed": settings.seed, "pool_size": settings.pool_size, "vae": vae_fingerprint(vae)}
+        if image_size != 64 or with_low_res:  # the fingerprint of earlier 64-pixel caches stays valid
+            identity |= {"image_size": image_size, "low_res": with_low_res}
+        fingerprint = json.dumps(identity)
         metadata = checkpoints.safetensors_metadata(cache)
         if metadata.get("fingerprint") == fingerprint:
-            return cls(checkpoints.load_state_dict(cache)["latents"], json.loads(metadata["captions"]), batch_size)
+            tensors = checkpoints.load_state_dict(cache)
+            return cls(tensors["latents"], json.loads(metadata["captions"]), batch_size,
+                       low_res=tensors.get("low_res"), latent_crop=settings.latent_crop)
         if cache.is_file():
             logger.info("latent cache %s was made for other data or another VAE; recomputing", cache)
-        dataset = ProceduralDataset(seed=settings.seed, split="train")
-        latents, captions, start = [], [], time.perf_counter()
-        dtype = next(vae.parameters()).dtype
-        for first in range(0, settings.pool_size, 256):
-            samples = dataset.take(min(256, settings.pool_size - first), start=first)
-            images = images_to_tensor([s.image for s in samples]).to(device, dtype)
-            latents.append(vae.encode_latents(images).float().cpu())
-            captions.extend(s.caption for s in samples)
-        latents = torch.cat(latents)
-        logger.info("encoded %d procedural latents in %.0f s (std %.3f)", len(latents),
-                    time.perf_counter() - start, latents.std())
-        checkpoints.save_safetensors_atomic({"latents": latents}, cache,
+        tensors, captions = _encode_procedural_pool(vae, settings, image_size, with_low_res, device)
+        checkpoints.save_safetensors_atomic(tensors, cache,
                                             metadata={"fingerprint": fingerprint, "captions": json.dumps(captions)})
-        return cls(latents, captions, batch_size)
+        return cls(tensors["latents"], captions, batch_size, low_res=tensors.get("low_res"),
+                   latent_crop=settings.latent_crop)
 
     def next_batch(self, generator: torch.Generator) -> dict[str, Any]:
         index = torch.randint(len(self.latents), (self.batch_size,), generator=generator)
-        return {"latents": self.latents[index], "captions": [self.captions[i] for i in index.tolist()]}
+        batch = {"latents": self.latents[index], "captions": [self.captions[i] for i in index.tolist()]}
+        if self.low_res is not None:
+            batch["low_res"] = self.low_res[index].float().div(127.5).sub(1.0)  # uint8 -> [-1, 1]
+        if self.latent_crop is not None:
+            batch = _random_crop(batch, self.latent_crop, generator)
+        return batch
 
     def state_dict(self) -> dict:
         return {}  # batches depend only on the step's generator
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+def _encode_procedural_pool(vae, settings: DataSettings, image_size: int, with_low_res: bool, device):
+    """``({"latents": [N, C, h, w] float32, "low_res"?: [N, 3, h, w] uint8}, captions)`` of the first
+    ``pool_size`` samples of the procedural training split."""
+    dataset = ProceduralDataset(seed=settings.seed, split="train", image_size=image_size)
+    small = ProceduralDataset(seed=settings.seed, split="train", image_size=image_size // vae.config.downsample_factor)
+    latents, low_res, captions, start = [], [], [], time.perf_counter()
+    dtype = next(vae.parameters()).dtype
+    chunk = max(1, 256 * 64 * 64 // image_size**2)  # bounded memory at any image size
+    for first in range(0, settings.pool_size, chunk):
+        samples = dataset.take(min(chunk, settings.pool_size - first), start=first)
+        images = images_to_tensor([s.image for s in samples]).to(device, dtype)
+        latents.append(vae.encode_latents(images).float().cpu())
+        captions.extend(s.caption for s in samples)
+        if with_low_res:
+            small_images = [small.sample(first + i).image for i in range(len(samples))]
+            low_res.append(torch.from_numpy(np.stack([np.asarray(im) for im in small_images])).permute(0, 3, 1, 2))
+        if first // chunk % 20 == 0:
+            logger.info("encoded %d/%d procedural images (%.0f s)", first + len(samples), settings.pool_size,
+                        time.perf_counter() - start)
+    tensors = {"latents": torch.cat(latents)}
+    if with_low_res:
+        tensors["low_res"] = torch.cat(low_res).contiguous()
+    logger.info("encoded %d procedural latents in %.0f s (std %.3f)", len(tensors["latents"]),
+                time.perf_counter() - start, tensors["latents"].std())
+    return tensors, captions
+
+
+def _random_crop(batch: dict[str, Any], size: int, generator: torch.Generator) -> dict[str, Any]:
+    """The same random ``size x size`` window of every spatial tensor of the batch, one window per sample."""
+    latents = batch["latents"]
+    height, width = latents.shape[-2:]
+    tops = torch.randint(height - size + 1, (len(latents),), generator=generator).tolist()
+    lefts = torch.randint(width - size + 1, (len(latents),), generator=generator).tolist()
+    cropped = dict(batch)
+    for key in ("latents", "low_res"):
+        if key in batch:
+            cropped[key] = torch.stack([x[:, top:top + size, left:left + size]
+                                        for x, top, left in zip(batch[key], tops, lefts)])
+    return cropped
 
 
 class _RankBatches:
@@ -300,11 +367,16 @@ def build_image_data(config: RunConfig, pipe, run_dir: Path, device, *, rank: in
 
 
 def diffusion_loss_on_batch(unet, text_encoder, tokenizer, schedule, z: torch.Tensor, captions: list[str],
-                            settings: TrainSettings, generator: torch.Generator) -> torch.Tensor:
+                            settings: TrainSettings, generator: torch.Generator, *,
+                            low_res: torch.Tensor | None = None,
+                            augmentation: LowResAugmentation | None = None) -> torch.Tensor:
     """One DDPM loss evaluation (Algorithm 1) on clean latents ``z [B, C, h, w]``.
 
-    Randomness (caption dropout, timesteps ``t ~ U{0..T-1}``, noise ``eps``) comes from ``generator``
-    in that order. The target is eps or v by ``schedule.config.prediction``.
+    Randomness (caption dropout, timesteps ``t ~ U{0..T-1}``, noise ``eps``; for a super-resolution
+    model then the augmentation levels and noise) comes from ``generator`` in that order. The target is
+    eps or v by ``schedule.config.prediction``. A super-resolution model (``low_res [B, 3, h, w]`` in
+    [-1, 1] with its ``augmentation``) sees the noise-augmented small image concatenated to ``x_t`` and the
+    augmentation level as its class label (:mod:`ldm.upscaling`).
     """
     prediction = schedule.config.prediction
     captions = objectives.drop_captions(captions, settings.caption_dropout, generator=generator)
@@ -316,7 +388,13 @@ def diffusion_loss_on_batch(unet, text_encoder, tokenizer, schedule, z: torch.Te
     x_t = objectives.add_noise(z, eps, abar)  # Ho et al. 2020, eq. 4
     target = objectives.training_target(z, eps, abar, prediction)
     weights = objectives.min_snr_weights(abar, settings.min_snr_gamma, prediction)  # Hang et al. 2023, eq. 9
-    return objectives.diffusion_loss(unet(x_t, t.float(), context.to(x_t.dtype)), target, weights)
+    labels = None
+    if low_res is not None:
+        labels = augmentation.training_levels(len(z), generator=generator, device=z.device)
+        noise = torch.randn(low_res.shape, generator=generator).to(z.device)
+        x_t = torch.cat([x_t, augmentation(low_res.to(z.device, x_t.dtype), noise, labels)], dim=1)
+    return objectives.diffusion_loss(unet(x_t, t.float(), context.to(x_t.dtype), class_labels=labels), target,
+                                     weights)
 
 
 def parameter_groups(trained: dict[str, nn.Module], settings: TrainSettings) -> list[dict]:
@@ -504,6 +582,7 @@ class TrainingRun:
     wrapped: dict[str, nn.Module] = field(default_factory=dict)  # accelerate-prepared trained networks
     losses: list[float] = field(default_factory=list)  # per optimizer step, this session
     samples_per_second: float = 0.0
+    augmentation: LowResAugmentation | None = None  # a super-resolution model's low-resolution noise
     # Clocks and progress of this session (start_session).
     started: float = 0.0  # perf_counter() at which the run (all sessions) would have started
     session_start: float = 0.0
@@ -577,8 +656,9 @@ def setup_run(config: RunConfig, run_dir: Path) -> TrainingRun:
         if t.ema_decay else {}
     groups = parameter_groups(trained, t)
     optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+    augmentation = LowResAugmentation(pipe.config.upscale) if pipe.config.is_upscaler else None
     return TrainingRun(config, run_dir, accelerator, pipe, trained, emas, optimizer,
-                       parameters=[p for group in groups for p in group["params"]])
+                       parameters=[p for group in groups for p in group["params"]], augmentation=augmentation)
 
 
 def open_run_dir(run: TrainingRun, plan: run_state.SessionPlan) -> None:
@@ -625,8 +705,11 @@ def load_run_data(run: TrainingRun) -> None:
     """The run's batches (procedural latents or an image dataset), positioned where the checkpoint left off."""
     config, accelerator = run.config, run.accelerator
     if config.data.kind == "procedural":
-        run.data = ProceduralLatents.build(run.pipe.vae, config.data, run.run_dir / "latents.safetensors",
-                                           config.training.batch_size, accelerator.device)
+        pipe = run.pipe
+        run.data = ProceduralLatents.build(pipe.vae, config.data, run.run_dir / "latents.safetensors",
+                                           config.training.batch_size, accelerator.device,
+                                           image_size=config.data.resolution or pipe.config.sampling.height,
+                                           with_low_res=pipe.config.is_upscaler)
     else:
         run.data, _ = build_image_data(config, run.pipe, run.run_dir, accelerator.device,
                                        rank=accelerator.process_index, world=accelerator.num_processes)
@@ -677,7 +760,8 @@ def training_step(run: TrainingRun) -> tuple[float, float]:
             z = _latents(batch, pipe.vae, accelerator.device)
         with accelerator.accumulate(*run.wrapped.values()), accelerator.autocast():
             loss = diffusion_loss_on_batch(unet_fn, text_fn, pipe.text_encoder.tokenizer, pipe.schedule, z,
-                                           batch["captions"], t, generator)
+                                           batch["captions"], t, generator, low_res=batch.get("low_res"),
+                                           augmentation=run.augmentation)
             accelerator.backward(loss)
             if accelerator.sync_gradients and t.grad_clip:
                 accelerator.clip_grad_norm_(run.parameters, t.grad_clip)

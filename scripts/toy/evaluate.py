@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda, ...")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="precision of the model (the judge always runs in float32)")
+    parser.add_argument("--upscaler", type=Path, help="a super-resolution model run on every image (the cascade: "
+                        "ldm/toy/default_upscaler); real images are then rendered at the enlarged size")
+    parser.add_argument("--upscale-steps", type=int, help="steps of the super-resolution stage (default: its model's)")
     parser.add_argument("--out", type=Path, default=Path("outputs/evaluation"), help="output folder")
     parser.add_argument("--grid", type=Path, help="sample grid PNG (default: <out>/samples.png)")
     parser.add_argument("--quiet", action="store_true", help="only the table, no progress logs")
@@ -55,7 +58,8 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     """Ranges argparse cannot check: one line and exit 2 for each mistake."""
     for flag, value, least in (("--n", args.n, 1), ("--heldout-per-pair", args.heldout_per_pair, 0),
                                ("--batch-size", args.batch_size, 1), ("--steps", args.steps, 1),
-                               ("--size", args.size, 8), ("--seed", args.seed, 0)):
+                               ("--size", args.size, 8), ("--seed", args.seed, 0),
+                               ("--upscale-steps", args.upscale_steps, 1)):
         if value is not None and value < least:
             parser.error(f"{flag} must be at least {least}, got {value}")
     if args.guidance is not None and not math.isfinite(args.guidance):
@@ -78,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         pipe = Txt2ImgPipeline.from_pretrained(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+        upscaler = None if args.upscaler is None else Txt2ImgPipeline.from_pretrained(
+            args.upscaler, device=args.device, dtype=getattr(torch, args.dtype))
         judge = Judge.load(args.judge)
     except (LdmError, FileNotFoundError) as error:
         print(f"evaluate.py: error: {error}", file=sys.stderr)
@@ -86,9 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = EvaluationSettings(
             n=args.n, heldout_per_pair=args.heldout_per_pair, seed=args.seed, steps=args.steps,
             guidance_scale=args.guidance, sampler=args.sampler, height=args.size, width=args.size,
-            batch_size=args.batch_size, signal_leak=args.signal_leak,
+            batch_size=args.batch_size, signal_leak=args.signal_leak, upscale_steps=args.upscale_steps,
         )
-        result = evaluate(pipe, judge, settings, model=str(args.model or DEFAULT_MODEL_DIR))
+        result = evaluate(pipe, judge, settings, model=str(args.model or DEFAULT_MODEL_DIR), upscaler=upscaler)
     except (LdmError, ValueError) as error:  # e.g. --n too small for --heldout-per-pair, a bad --size
         print(f"evaluate.py: error: {error}", file=sys.stderr)
         return 2

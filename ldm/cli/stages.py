@@ -1,0 +1,127 @@
+"""The txt2img command's extra stages: a super-resolution stage after the base model (the cascade) and
+classifier guidance during it. Kept apart from :mod:`ldm.cli.txt2img` so that file stays about prompts,
+seeds and files.
+
+* ``--upscaler PATH`` runs a super-resolution model (``pipe.upscale``) on every base image; the default
+  model's own 64 -> 256 stage (``ldm/toy/default_upscaler``) runs by default when ``--model`` is not
+  given, ``--base-only`` skips it. ``--upscale-steps`` and ``--upscale-noise-level`` tune it.
+* ``--classifier-scale S --class "red bicycle"`` guides the base model with a noise-aware classifier
+  (``--classifier PATH``; default: the default model's ``ldm/toy/default_classifier``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from ldm.cli import finite_float
+
+PACKAGE = Path(__file__).resolve().parents[1]
+DEFAULT_UPSCALER = PACKAGE / "toy" / "default_upscaler"
+DEFAULT_CLASSIFIER = PACKAGE / "toy" / "default_classifier"
+
+
+def add_stage_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("cascade and classifier guidance")
+    group.add_argument("--upscaler", type=Path, metavar="PATH",
+                       help="a super-resolution model (e.g. SD's x4 upscaler) run on every image after the base "
+                       "model; default: the default model's 64->256 stage when --model is not given")
+    group.add_argument("--base-only", action="store_true", help="skip the super-resolution stage (the default "
+                       "model then writes its native 64x64 images)")
+    group.add_argument("--upscale-steps", type=int, help="steps of the super-resolution stage (default: its model's)")
+    group.add_argument("--upscale-noise-level", type=int,
+                       help="augmentation noise level of the super-resolution stage (default: its model's)")
+    group.add_argument("--classifier-scale", type=finite_float, default=0.0,
+                       help="classifier guidance strength (Dhariwal & Nichol 2021; default 0: off); needs --class")
+    group.add_argument("--class", dest="target_class", metavar="TEXT",
+                       help='the class classifier guidance draws, e.g. "red bicycle", "star" or "blue"')
+    group.add_argument("--classifier", type=Path, metavar="PATH",
+                       help="noise-aware classifier folder (default: the default model's)")
+
+
+def check_stage_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """One-line errors for stage flags that cannot work together (before any model is loaded)."""
+    if args.base_only and args.upscaler is not None:
+        parser.error("--base-only and --upscaler exclude each other")
+    if args.upscale_steps is not None and args.upscale_steps < 1:
+        parser.error(f"--upscale-steps must be at least 1, got {args.upscale_steps}")
+    for flag, value in (("--upscaler", args.upscaler), ("--classifier", args.classifier)):
+        if value is not None and not value.exists():
+            parser.error(f"{flag} {value} does not exist")
+    if args.classifier_scale and not args.target_class:
+        parser.error('--classifier-scale needs --class (the class to draw, e.g. --class "red bicycle")')
+    if args.target_class and not args.classifier_scale:
+        parser.error("--class needs --classifier-scale (how strongly to guide, e.g. 4)")
+    if args.classifier_scale and args.classifier is None and args.model is not None:
+        parser.error("--classifier-scale with --model needs --classifier (the default classifier reads the "
+                     "default model's latents only)")
+
+
+@dataclass
+class Stages:
+    """What :func:`load_stages` found: the upscaler pipeline and the classifier guidance (each optional)."""
+
+    upscaler: object | None = None
+    upscaler_name: str = ""
+    classifier_guidance: object | None = None
+
+    def call_options(self, args: argparse.Namespace) -> dict:
+        """Keywords for the base pipeline's call."""
+        if self.classifier_guidance is None:
+            return {}
+        return {"classifier_guidance": self.classifier_guidance, "classifier_scale": args.classifier_scale}
+
+    def upscale(self, images, prompt: str, negative_prompt: str, seed: int, args: argparse.Namespace, progress):
+        """The base images enlarged by the super-resolution stage (image k with seed ``seed + k``)."""
+        if self.upscaler is None:
+            return images
+        return self.upscaler.upscale(images, prompt, negative_prompt, seed=seed, steps=args.upscale_steps,
+                                     noise_level=args.upscale_noise_level, progress=progress)
+
+    def upscale_steps(self, args: argparse.Namespace) -> int:
+        return 0 if self.upscaler is None else args.upscale_steps or self.upscaler.config.sampling.steps
+
+    def png_fields(self, args: argparse.Namespace, width: int, height: int) -> dict:
+        """AUTOMATIC1111-style parameter fields of the stages that ran (``width`` x ``height``: the base size)."""
+        fields = {}
+        if self.upscaler is not None:
+            level = args.upscale_noise_level
+            fields["Upscaler"] = self.upscaler_name
+            fields["Upscale steps"] = self.upscale_steps(args)
+            fields["Noise level"] = self.upscaler.config.upscale.noise_level if level is None else level
+            fields["Upscaled size"] = "x".join(str(side * self.upscaler.vae.downsample_factor)
+                                               for side in (width, height))
+        if self.classifier_guidance is not None:
+            fields["Classifier guidance"] = f"{args.target_class} x {args.classifier_scale:g}"
+        return fields
+
+
+def load_stages(args: argparse.Namespace, device, dtype) -> Stages:
+    """Load the upscaler and the classifier the flags ask for (the default ones for the default model);
+    nothing for commands without these flags (img2img, inpainting)."""
+    from ldm.errors import ArgumentError
+    from ldm.formats.classifier import load_classifier
+    from ldm.pipeline import Txt2ImgPipeline
+    from ldm.sampling.classifier_guidance import ClassifierGuidance
+
+    stages = Stages()
+    if not hasattr(args, "base_only"):
+        return stages
+    upscaler = args.upscaler
+    if upscaler is None and args.model is None and not args.base_only and DEFAULT_UPSCALER.is_dir():
+        upscaler = DEFAULT_UPSCALER
+    if upscaler is not None:
+        stages.upscaler = Txt2ImgPipeline.from_pretrained(upscaler, device=device, dtype=dtype)
+        stages.upscaler_name = "default" if upscaler == DEFAULT_UPSCALER else Path(upscaler).name
+        if not stages.upscaler.config.is_upscaler:
+            raise ArgumentError(f"--upscaler {upscaler} is not a super-resolution model (its config has no "
+                                "upscale section)")
+    if args.classifier_scale:
+        classifier = load_classifier(args.classifier or DEFAULT_CLASSIFIER)
+        stages.classifier_guidance = ClassifierGuidance(classifier, args.target_class)
+    return stages
+
+
+__all__ = ["add_stage_arguments", "check_stage_arguments", "load_stages", "Stages", "DEFAULT_UPSCALER",
+           "DEFAULT_CLASSIFIER"]
