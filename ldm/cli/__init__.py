@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
+from typing import Callable
 
 from ldm.sampling.registry import resolve_sampler_name
 
@@ -43,3 +45,21 @@ def sampler_name(text: str) -> str:
         return resolve_sampler_name(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def run_reporting_errors(parser: argparse.ArgumentParser, work: Callable[[], int], device: str = "auto") -> int:
+    """``work()``, with a user error (:class:`ldm.errors.LdmError`, or a device torch cannot use when one was
+    named) printed as one line ``PROG: error: ...`` and exit code 2; anything else is a bug and propagates."""
+    from ldm.errors import LdmError
+
+    try:
+        return work()
+    except LdmError as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
+    except RuntimeError as error:
+        if "device" in str(error).lower() and device != "auto":
+            print(f"{parser.prog}: error: device {device!r} is not usable: {str(error).splitlines()[0]}",
+                  file=sys.stderr)
+            return 2
+        raise

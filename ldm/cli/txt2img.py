@@ -24,7 +24,7 @@ import secrets
 import sys
 from pathlib import Path
 
-from ldm.cli import OneLineErrorParser, finite_float, sampler_name
+from ldm.cli import OneLineErrorParser, finite_float, run_reporting_errors, sampler_name
 from ldm.cli.stages import add_stage_arguments, check_stage_arguments, load_stages
 from ldm.hardware import DTYPE_NAMES
 from ldm.sampling.registry import AUTOMATIC, SAMPLER_NAMES, SCHEDULE_NAMES, resolve_schedule_name
@@ -397,19 +397,7 @@ def main(argv: list[str] | None = None, mode: str = "txt2img") -> int:
     prompts = check_arguments(parser, args)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
 
-    from ldm.errors import LdmError
-
-    try:
-        return generate(args, prompts)
-    except LdmError as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        return 2
-    except RuntimeError as error:
-        if "device" in str(error).lower() and args.device != "auto":
-            print(f"{parser.prog}: error: device {args.device!r} is not usable: {str(error).splitlines()[0]}",
-                  file=sys.stderr)
-            return 2
-        raise
+    return run_reporting_errors(parser, lambda: generate(args, prompts), args.device)
 
 
 def generate(args: argparse.Namespace, prompts: list[str]) -> int:

@@ -19,7 +19,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ldm.cli import OneLineErrorParser, finite_float, sampler_name
+from ldm.cli import OneLineErrorParser, finite_float, run_reporting_errors, sampler_name
 from ldm.cli.stages import DEFAULT_UPSCALER
 from ldm.cli.txt2img import (RANDOM_SEED, advance, check_outdir, check_text, first_seed, open_image, save_png,
                              seed_argument)
@@ -93,13 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     images = check_arguments(parser, args)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
 
-    from ldm.errors import LdmError
-
-    try:
-        return upscale(args, images)
-    except LdmError as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        return 2
+    return run_reporting_errors(parser, lambda: upscale(args, images), args.device)
 
 
 def upscale(args: argparse.Namespace, images: list) -> int:

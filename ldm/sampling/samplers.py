@@ -160,14 +160,16 @@ def lms_coefficients(nodes: Sequence[float], start: float, end: float) -> list[f
 
 
 def _ancestral_loop(
-    denoise: DenoiseFn, x: Tensor, sigmas: Tensor, eta: float, generator: Generators, callback: Callback
+    denoise: DenoiseFn, x: Tensor, sigmas: Tensor, eta: float, generator: Generators, callback: Callback,
+    step: Callable[[Tensor, Tensor, float, float], Tensor] = _euler_step,
 ) -> Tensor:
-    """Euler step to sigma_down, then add sigma_up * fresh noise (noise drawn at every step when eta > 0)."""
+    """``step(x, x0, sigma, sigma_down)`` (an Euler step by default), then add sigma_up * fresh noise (drawn at
+    every step with noise to add: eta > 0 and not the final step to sigma = 0)."""
     for i, (sigma, sigma_next) in enumerate(_steps(sigmas)):
         x0 = denoise(x, _full(x, sigma))
         sigma_down, sigma_up = ancestral_split(sigma, sigma_next, eta)
-        x = _euler_step(x, x0, sigma, sigma_down)
-        if eta > 0:
+        x = step(x, x0, sigma, sigma_down)
+        if sigma_up > 0:
             x = x + randn_like_rows(x, generator) * sigma_up
         x = _report(callback, i, x, x0)
     return x
@@ -323,14 +325,10 @@ def sample_dpm2_ancestral(
 ) -> Tensor:
     """DPM2 a: a DPM2 step to ``sigma_down``, then fresh noise of std ``sigma_up`` (:func:`ancestral_split`,
     eta = 1). Equals diffusers' KDPM2AncestralDiscreteScheduler (noise drawn after the midpoint call)."""
-    for i, (sigma, sigma_next) in enumerate(_steps(sigmas)):
-        x0 = denoise(x, _full(x, sigma))
-        sigma_down, sigma_up = ancestral_split(sigma, sigma_next)
-        x = _dpm2_step(denoise, x, x0, sigma, sigma_down)
-        if sigma_down > 0:
-            x = x + randn_like_rows(x, generator) * sigma_up
-        x = _report(callback, i, x, x0)
-    return x
+    def dpm2_step(x: Tensor, x0: Tensor, sigma: float, sigma_down: float) -> Tensor:
+        return _dpm2_step(denoise, x, x0, sigma, sigma_down)
+
+    return _ancestral_loop(denoise, x, sigmas, 1.0, generator, callback, step=dpm2_step)
 
 
 def sample_plms(
