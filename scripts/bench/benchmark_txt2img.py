@@ -37,13 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs", type=int, default=3, help="number of timed runs (default 3)")
     parser.add_argument("--model", help="passed to txt2img.py as --model (default: none, the shipped model)")
     parser.add_argument("--judge", help="judge weights (default: the shipped judge)")
+    parser.add_argument("--base-only", action="store_true",
+                        help="pass --base-only (the default model's 64x64 base stage without its upscaler)")
     return parser
 
 
-def txt2img_command(prompt: str, outdir: Path, model: str | None) -> list[str]:
+def txt2img_command(prompt: str, outdir: Path, model: str | None, base_only: bool = False) -> list[str]:
     """The command a user types, plus ``--outdir`` so the PNG lands in a fresh folder."""
     command = [sys.executable, str(TXT2IMG), prompt, "--outdir", str(outdir)]
-    return command + (["--model", model] if model else [])
+    return command + (["--model", model] if model else []) + (["--base-only"] if base_only else [])
 
 
 def timed_run(command: list[str]) -> tuple[float, Path]:
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     times, readings = [], []
     with tempfile.TemporaryDirectory(prefix="bench-txt2img-") as tmp:
         for run in range(args.runs):
-            command = txt2img_command(args.prompt, Path(tmp) / f"run{run}", args.model)
+            command = txt2img_command(args.prompt, Path(tmp) / f"run{run}", args.model, args.base_only)
             seconds, png = timed_run(command)
             times.append(seconds)
             logger.info("run %d: %.2f s -> %s", run + 1, seconds, png.name)
@@ -112,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     for run, r in enumerate(readings, 1):
         print(f"run {run}: {times[run - 1]:.2f} s, judge reads {r['colour']} {r['object']} "
               f"(p={r['colour_prob']:.2f}/{r['object_prob']:.2f})")
-    print(f'`python scripts/txt2img.py "{args.prompt}"`: median {median:.1f} s wall over {args.runs} runs '
+    flags = " --base-only" if args.base_only else ""
+    print(f'`python scripts/txt2img.py "{args.prompt}"{flags}`: median {median:.1f} s wall over {args.runs} runs '
           f"({', '.join(f'{t:.1f}' for t in times)} s; start-up, model load, sampling and PNG included) "
           f"on {cpu_name()}; the judge reads {read_as}{verdict}.")
     return 0
