@@ -19,6 +19,7 @@ from ldm.config_io import plain_data, read_yaml, strict_from_dict, write_yaml
 from ldm.errors import ConfigError
 from ldm.sampling.schedule import ScheduleConfig
 from ldm.sampling.signal_leak import SignalLeak
+from ldm.models.sdxl_conditioning import SDXLConfig
 from ldm.models.text_encoders import TextEncoderConfig
 from ldm.models.unet import UNetConfig
 from ldm.upscaling import UpscaleConfig
@@ -60,7 +61,8 @@ SECTION_CLASSES = {
     "schedule": ScheduleConfig,
     "sampling": SamplingDefaults,
 }
-OPTIONAL_SECTIONS = {"upscale": UpscaleConfig}  # present only in the configs of models that use them
+# present only in the configs of models that use them (SDXL: sdxl, and text_encoder_2 for the base model)
+OPTIONAL_SECTIONS = {"upscale": UpscaleConfig, "sdxl": SDXLConfig, "text_encoder_2": TextEncoderConfig}
 
 
 @dataclass
@@ -73,10 +75,30 @@ class PipelineConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
     upscale: UpscaleConfig | None = None  # a super-resolution model (ldm.upscaling); None: text-to-image
+    # SDXL (ldm.models.sdxl_conditioning): its conditioning settings and, for the base model, the second text
+    # encoder (OpenCLIP bigG; text_encoder is then CLIP ViT-L, for the refiner bigG itself).
+    sdxl: SDXLConfig | None = None
+    text_encoder_2: TextEncoderConfig | None = None
+
+    def __post_init__(self) -> None:
+        if (self.sdxl is None) != (self.unet.adm_in_channels is None):
+            raise ConfigError("an sdxl section goes exactly with a U-Net that has adm_in_channels")
+        if self.text_encoder_2 is not None and self.sdxl is None:
+            raise ConfigError("text_encoder_2 is for SDXL models (an sdxl section)")
 
     @property
     def is_upscaler(self) -> bool:
         return self.upscale is not None
+
+    @property
+    def is_sdxl(self) -> bool:
+        """An SDXL model: two text encoders (refiner: one) with a pooled output, and the vector conditioning."""
+        return self.sdxl is not None
+
+    @property
+    def text_encoder_configs(self) -> list[TextEncoderConfig]:
+        """The text encoders, in the order their contexts are concatenated."""
+        return [self.text_encoder] + ([self.text_encoder_2] if self.text_encoder_2 is not None else [])
 
     def to_dict(self) -> dict[str, Any]:
         sections = {name: getattr(self, name) for name in [*SECTION_CLASSES, *OPTIONAL_SECTIONS]}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 import math
 import numbers
@@ -46,6 +47,8 @@ from ldm.sampling.signal_leak import SignalLeak
 from ldm.sampling.variation import Variation
 from ldm.models.builder import build_components, fill_derived_buffers
 from ldm.models.prompt_encoding import ContextSchedule, encode_prompts, schedule_contexts
+from ldm.models.sdxl_conditioning import MicroConditioning, conditioning_vector, micro_conditioning_count
+from ldm.prompt_syntax import prompt_schedule
 from ldm.models.unet import UNetModel
 from ldm.upscaling import LowResAugmentation, LowResCondition, check_noise_level
 from ldm.sampling.classifier_guidance import ClassifierGuidance, classifier_guided
@@ -304,6 +307,30 @@ class Txt2ImgPipeline:
         return contexts[:len(prompts)], (contexts[len(prompts):] if negatives else None)
 
     @torch.no_grad()
+    def sdxl_conditioning(self, prompts: list[str], negatives: list[str] | None, options,
+                          micro: MicroConditioning) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """SDXL's guidance inputs of one batch: ``(cond [B, chunks * L, D], uncond or None, y)``, with ``y``
+        the U-Net's vectors for one denoiser call, ``[uncond; cond]`` rows ``[2B, adm_in_channels]`` under
+        guidance, else ``[B, adm_in_channels]`` (pooled text embedding + micro-conditioning). An empty
+        negative prompt is zero conditioning when the model says so (``force_zeros_for_empty_prompt``)."""
+        texts = prompts + (negatives or [])
+        if any(len(prompt_schedule(text, options.steps)) > 1 for text in texts):
+            raise ArgumentError("prompt editing [a:b:when] and alternation [a|b] are not supported for SDXL models yet")
+        contexts, pooled = encode_prompts(self.text_encoder, texts, clip_skip=options.clip_skip, pooled=True)
+        count, settings = len(prompts), self.config.sdxl
+        if negatives and settings.force_zeros_for_empty_prompt:  # per row, so batching never changes an image
+            for row in [count + i for i, text in enumerate(negatives) if text == ""]:
+                contexts[row], pooled[row] = 0, 0
+        numbers = micro_conditioning_count(self.config.unet, self.text_encoder.pooled_dim)
+        cond_ids = micro.time_ids(options.height, options.width, numbers, settings.aesthetic_score)
+        y = conditioning_vector(pooled[:count], cond_ids)
+        if negatives:
+            uncond_ids = micro.time_ids(options.height, options.width, numbers, settings.negative_aesthetic_score)
+            y = torch.cat([conditioning_vector(pooled[count:], uncond_ids), y])
+        contexts = contexts.to(self.dtype)
+        return contexts[:count], (contexts[count:] if negatives else None), y.to(self.dtype)
+
+    @torch.no_grad()
     def encode_prompt(self, prompts: Sequence[str], *, clip_skip: int = 1) -> torch.Tensor:
         """Prompts in AUTOMATIC1111's language -> cross-attention context ``[B, chunks * L, D]`` in the
         U-Net's dtype (:mod:`ldm.models.prompt_encoding`: weights, BREAK, 75-token chunks, all prompts
@@ -351,6 +378,9 @@ class Txt2ImgPipeline:
         output_type: str = "pil",
         batch_invariant: bool = True,
         vae_tiling: bool | None = None,
+        original_size: tuple[int, int] | None = None,
+        crop_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
     ) -> list[Image.Image] | torch.Tensor:
         """Generate images from text (txt2img), from text and an image (img2img), or repaint a masked region.
 
@@ -417,6 +447,9 @@ class Txt2ImgPipeline:
             output_type: ``"pil"`` (list of images) or ``"pt"`` (tensor ``[B, 3, H, W]`` in [0, 1]).
             vae_tiling: decode in overlapping tiles (bounded memory, see :meth:`decode`); ``None``:
                 when the image has more than :data:`AUTO_TILING_PIXELS` pixels.
+            original_size, crop_top_left, target_size: SDXL models only: the micro-conditioning in pixels,
+                ``(height, width)``, ``(top, left)``, ``(height, width)``; sizes default to the output size
+                (diffusers' defaults; :class:`ldm.models.sdxl_conditioning.MicroConditioning`).
 
         Raises:
             ArgumentError / ConfigError / ImageInputError (all ``ValueError``): an argument of the wrong
@@ -428,6 +461,7 @@ class Txt2ImgPipeline:
                               reals={"strength": strength, "mask_blur": mask_blur, "hires_scale": hires_scale,
                                      "hires_strength": hires_strength, "subseed_strength": subseed_strength})
         classifier = self.classifier_options(classifier_guidance, classifier_scale)
+        micro = self.micro_conditioning(original_size, crop_top_left, target_size)
         if self.config.is_upscaler:
             raise ArgumentError("this is a super-resolution model: it needs a small image to enlarge "
                                 "(pipe.upscale(image, prompt), scripts/upscale.py)")
@@ -465,13 +499,14 @@ class Txt2ImgPipeline:
             variation = None if subseed is None else Variation(
                 tuple(subseed + s - seed for s in batch[2]), subseed_strength)  # image i: subseed + i
             z = self._generate(*batch, options, report, condition, variation, preview=preview, interrupt=interrupt,
-                               **classifier)
+                               **classifier, **micro)
             if hires is not None and not (interrupt is not None and interrupt()):
                 first_pass = options.steps
                 report = (lambda done, d=done_before: progress(d + first_pass + done, total_steps)) if progress else None
                 z = self._generate(*batch, hires, report, self.hires_condition(z, hires, hires_upscaler,
                                                                               hires_strength, vae_tiling), variation,
-                                   preview=preview, interrupt=interrupt, hires_base_steps=options.steps, **classifier)
+                                   preview=preview, interrupt=interrupt, hires_base_steps=options.steps, **classifier,
+                                   **micro)
             images.append(self.decode(z, tiled=vae_tiling))
             if interrupt is not None and interrupt():
                 break
@@ -552,6 +587,17 @@ class Txt2ImgPipeline:
         if output_type == "pt":
             return torch.cat(results)
         return [image for result in results for image in to_pil(result)]
+
+    def micro_conditioning(self, original_size, crop_top_left, target_size) -> dict:
+        """The ``_generate`` keyword of SDXL's micro-conditioning, checked (``{}`` for other models)."""
+        if not self.config.is_sdxl:
+            if original_size is not None or target_size is not None or crop_top_left not in ((0, 0), [0, 0]):
+                raise ArgumentError("original_size, crop_top_left and target_size are for SDXL models")
+            return {}
+        try:
+            return {"micro": MicroConditioning(original_size, crop_top_left, target_size)}
+        except ValueError as error:
+            raise ArgumentError(str(error)) from None
 
     def classifier_options(self, guidance: ClassifierGuidance | None, scale) -> dict:
         """The ``_generate`` keywords of classifier guidance, checked (``{}`` when it is off)."""
@@ -652,15 +698,21 @@ class Txt2ImgPipeline:
                   variation: Variation | None = None, *, preview: PreviewFn | None = None,
                   interrupt: InterruptFn | None = None, low_res: LowResCondition | None = None,
                   hires_base_steps: int | None = None, classifier_guidance: ClassifierGuidance | None = None,
-                  classifier_scale: float = 0.0) -> torch.Tensor:
+                  classifier_scale: float = 0.0, micro: MicroConditioning | None = None) -> torch.Tensor:
         """Algorithm 2 for one batch: final latents ``z [B, C, h, w]`` (float32, diffusers' scale); when
         ``interrupt()`` turns True after a step, the denoised estimate of that step instead.
-        ``hires_base_steps``: this is a hires fix's second pass after that many steps (prompt editing)."""
+        ``hires_base_steps``: this is a hires fix's second pass after that many steps (prompt editing).
+        ``micro``: SDXL's micro-conditioning (SDXL models only)."""
         # Classifier-free guidance (Ho & Salimans 2022): one batched U-Net call on [uncond, cond].
         # Prompts and negative prompts encoded together: padded to the same number of chunks, as AUTOMATIC1111 does.
         guided = options.guidance_scale != 1
-        context, uncond_context = self.conditioning(prompts, negatives if guided else None, options,
-                                                    hires_base_steps=hires_base_steps)
+        vectors = None
+        if self.config.is_sdxl:
+            context, uncond_context, vectors = self.sdxl_conditioning(prompts, negatives if guided else None,
+                                                                      options, micro or MicroConditioning())
+        else:
+            context, uncond_context = self.conditioning(prompts, negatives if guided else None, options,
+                                                        hires_base_steps=hires_base_steps)
         spec = SAMPLERS[options.sampler]
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         sigmas = self.schedule.sampling_sigmas(options.steps, sampler=options.sampler, schedule=options.schedule)
@@ -671,6 +723,8 @@ class Txt2ImgPipeline:
         else:
             sigmas = sigmas[steps_to_skip(options.steps, condition.strength):]
             x, model, put_back = self.image_start(condition, generators, sigmas, options, variation)
+        if vectors is not None:  # SDXL: the U-Net's vector rides along with the context (rows [uncond; cond])
+            model = functools.partial(model, y=vectors)
         denoiser = DiscreteDenoiser(model, self.schedule, self.config.schedule.prediction,
                                     round_timesteps=options.schedule == "karras" and spec.diffusers_rounds_karras_timesteps)
         denoise = cfg_denoiser(denoiser, context, uncond_context, options.guidance_scale)
@@ -724,10 +778,10 @@ class Txt2ImgPipeline:
             masked_latents = self.encode_rows(condition.masked_image.to(self.device, self.vae_dtype), generators)
             extra = torch.cat([mask.expand(len(generators), -1, -1, -1), masked_latents], dim=1)
 
-            def model(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+            def model(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None):
                 # [noisy latents, mask, masked-image latents]: the SD inpainting U-Net's 9 channels
                 return self.unet_prediction(torch.cat([x, extra.repeat(x.shape[0] // extra.shape[0], 1, 1, 1)], 1),
-                                            t, context)
+                                            t, context, y=y)
 
             return x, model, None
         last = len(sigmas) - 2
@@ -773,10 +827,10 @@ class Txt2ImgPipeline:
         return (images / 2 + 0.5).clamp(0, 1).cpu()
 
     def unet_prediction(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                        class_labels: torch.Tensor | None = None) -> torch.Tensor:
+                        class_labels: torch.Tensor | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
         """The U-Net in its own dtype, with float32 in and out for the sampler's arithmetic."""
         return self.unet(x.to(self.dtype, memory_format=self.memory_format), t, context.to(self.dtype),
-                         class_labels=class_labels).float()
+                         class_labels=class_labels, y=y).float()
 
     def upscale_start(self, low_res: LowResCondition, generators: list[torch.Generator], sigmas: torch.Tensor,
                       options, variation: Variation | None = None) -> tuple[torch.Tensor, Callable, None]:

@@ -27,7 +27,7 @@ import tempfile
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -40,6 +40,16 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model."
 COMPONENT_PREFIXES = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": TEXT_PREFIX}
+# SDXL's text encoders live under sgm's GeneralConditioner; our SDXLTextEncoder names them ``embedders.{i}.*`` too.
+SDXL_TEXT_PREFIX = "conditioner."
+SDXL_TEXT_KEYS = "embedders."
+
+
+def component_prefix(name: str, keys: Iterable[str] = ()) -> str:
+    """The original prefix of component ``name`` (``"conditioner."`` for an SDXL text encoder's ``keys``)."""
+    if name == "text_encoder" and any(key.startswith(SDXL_TEXT_KEYS) for key in keys):
+        return SDXL_TEXT_PREFIX
+    return COMPONENT_PREFIXES[name]
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -243,12 +253,14 @@ def _umask() -> int:
 def split_components(state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """Split an original-layout state dict into ``{"unet": ..., "vae": ..., "text_encoder": ...}``.
 
-    Keys lose their component prefix. Keys under no known prefix are returned under ``"other"``
+    Keys lose their component prefix (SDXL's ``conditioner.``: its text encoders become ``embedders.{i}.*``).
+    Keys under no known prefix are returned under ``"other"``
     (e.g. ``model_ema.*``, ``betas``, ``alphas_cumprod`` in CompVis checkpoints).
     """
     parts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in (*COMPONENT_PREFIXES, "other")}
+    prefixes = [*COMPONENT_PREFIXES.items(), ("text_encoder", SDXL_TEXT_PREFIX)]  # SDXL: conditioner.embedders.*
     for key, tensor in state_dict.items():
-        for name, prefix in COMPONENT_PREFIXES.items():
+        for name, prefix in prefixes:
             if key.startswith(prefix):
                 parts[name][key[len(prefix):]] = tensor
                 break
@@ -260,7 +272,8 @@ def split_components(state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict[s
 def join_components(parts: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Inverse of :func:`split_components` for the three model components."""
     joined = {}
-    for name, prefix in COMPONENT_PREFIXES.items():
+    for name in COMPONENT_PREFIXES:
+        prefix = component_prefix(name, parts.get(name, {}))
         joined.update({prefix + key: tensor for key, tensor in parts.get(name, {}).items()})
     return joined
 

@@ -93,8 +93,9 @@ _UNET_FIELDS = {
     "transformer_depth": "transformer_depth",
     "use_linear_in_transformer": "use_linear_in_transformer",
     "upcast_attention": "upcast_attention",
-    "num_classes": "num_classes",  # an int: label embedding (the x4 upscaler's noise level)
+    "num_classes": "num_classes",  # an int: label embedding (the x4 upscaler's noise level); see below for "sequential"
     "disable_self_attentions": "disable_self_attentions",
+    "adm_in_channels": "adm_in_channels",  # with num_classes: "sequential" (SDXL's vector conditioning)
 }
 # CompVis options whose only supported value is the one given (None also accepted for None).
 _UNET_REQUIRED: dict[str, Any] = {
@@ -105,7 +106,6 @@ _UNET_REQUIRED: dict[str, Any] = {
     "use_scale_shift_norm": False,
     "resblock_updown": False,
     "n_embed": None,
-    "adm_in_channels": None,
     "num_attention_blocks": None,
     "disable_middle_self_attn": False,
     "transformer_depth_middle": None,
@@ -132,6 +132,21 @@ def _matches_required(value: Any, required: Any) -> bool:
     return required is not None and value == required
 
 
+def _read_label_embedding(kwargs: dict[str, Any]) -> None:
+    """CompVis ``num_classes`` (an int: an Embedding; ``"sequential"``: an MLP of an ``adm_in_channels``
+    vector) -> our ``num_classes`` / ``adm_in_channels``, in place."""
+    num_classes = kwargs.get("num_classes")
+    if num_classes == "sequential":
+        if not isinstance(kwargs.get("adm_in_channels"), int):
+            raise ValueError("CompVis U-Net option num_classes='sequential' needs an integer adm_in_channels")
+        del kwargs["num_classes"]
+    elif not isinstance(num_classes, (int, type(None))):
+        raise ValueError(f"unsupported CompVis U-Net option num_classes={num_classes!r} "
+                         "(supported: an integer, or 'sequential' with adm_in_channels)")
+    elif kwargs.get("adm_in_channels") is not None:
+        raise ValueError("CompVis U-Net option adm_in_channels needs num_classes='sequential'")
+
+
 def unet_config_from_compvis(params: Mapping[str, Any]) -> UNetConfig:
     """Build from the ``model.params.unet_config.params`` dict of a CompVis/SGM YAML.
 
@@ -154,15 +169,14 @@ def unet_config_from_compvis(params: Mapping[str, Any]) -> UNetConfig:
     kwargs.setdefault("num_heads", -1)  # CompVis default; SD2 YAMLs omit it
     if kwargs.get("num_head_channels", -1) > 0:
         kwargs["num_heads"] = -1  # head channels win, as in CompVis
-    depth = kwargs.get("transformer_depth", 1)
-    if isinstance(depth, Iterable):
-        depths = set(depth)
-        if len(depths) != 1:
-            raise ValueError(f"per-level transformer_depth {list(depth)} is not supported")
-        kwargs["transformer_depth"] = depths.pop()
-    if not isinstance(kwargs.get("num_classes", 0), (int, type(None))):
-        raise ValueError(f"unsupported CompVis U-Net option num_classes={kwargs['num_classes']!r} "
-                         "(supported: an integer; SDXL's 'sequential' label embedding is not supported)")
+    if isinstance(kwargs.get("transformer_depth"), Iterable):
+        kwargs["transformer_depth"] = tuple(kwargs["transformer_depth"])
+    if isinstance(kwargs.get("context_dim"), Iterable):  # the SDXL refiner YAML names it per level
+        widths = set(kwargs["context_dim"])
+        if len(widths) != 1:
+            raise ValueError(f"per-level context_dim {list(kwargs['context_dim'])} is not supported")
+        kwargs["context_dim"] = widths.pop()
+    _read_label_embedding(kwargs)
     if kwargs.get("disable_self_attentions") is not None and not any(kwargs["disable_self_attentions"]):
         kwargs["disable_self_attentions"] = None
     if "context_dim" in kwargs and kwargs["context_dim"] is None:
@@ -402,6 +416,8 @@ def compvis_yaml(config: PipelineConfig) -> dict[str, Any]:
         label_options["num_classes"] = unet.num_classes
     if unet.disable_self_attentions is not None:
         label_options["disable_self_attentions"] = list(unet.disable_self_attentions)
+    if unet.adm_in_channels is not None:
+        label_options |= {"num_classes": "sequential", "adm_in_channels": unet.adm_in_channels}
     return {"model": {
         "target": _TARGETS[kind],
         "params": {
@@ -430,7 +446,8 @@ def compvis_yaml(config: PipelineConfig) -> dict[str, Any]:
                 **heads,
                 "use_spatial_transformer": True,
                 "use_linear_in_transformer": unet.use_linear_in_transformer,
-                "transformer_depth": unet.transformer_depth,
+                "transformer_depth": (list(unet.transformer_depth) if isinstance(unet.transformer_depth, tuple)
+                                      else unet.transformer_depth),
                 "context_dim": unet.context_dim,
                 "legacy": False,
                 **label_options,
@@ -469,6 +486,7 @@ def _check_expressible(config: PipelineConfig, text: TextEncoderConfig) -> None:
     """Raise ConfigError naming the first setting a CompVis YAML (plus the weights) cannot carry."""
     sd2 = text.kind == "openclip" or text.act == "gelu"
     problems = {
+        "SDXL (Stability's generative-models YAML is not written yet)": config.is_sdxl,
         "U-Net norm_groups != 32": config.unet.norm_groups != COMPVIS_NORM_GROUPS,
         "VAE norm_groups != 32": config.vae.norm_groups != COMPVIS_NORM_GROUPS,
         "upcast_attention differs from the SD 1.x/2.x code": config.unet.upcast_attention != sd2,

@@ -1,4 +1,5 @@
-"""Reading and writing diffusers ``StableDiffusionPipeline`` folders.
+"""Reading and writing diffusers ``StableDiffusionPipeline`` folders (and their SDXL, inpainting and
+upscaler siblings).
 
 A diffusers folder holds one sub-folder per component (``unet/``, ``vae/``, ``text_encoder/``,
 ``tokenizer/``, ``scheduler/``), each with a ``config.json`` and weights in diffusers' own
@@ -30,6 +31,7 @@ from ldm.formats import vae_keys as vae_keymap
 from ldm.formats.single_file_config import UPSCALER_SCALING_FACTOR, check_upscaler_channels
 from ldm.sampling.registry import SAMPLER_INFO
 from ldm.sampling.schedule import ScheduleConfig
+from ldm.models.sdxl_conditioning import SDXLConfig
 from ldm.models.tokenizer import ClipTokenizer
 from ldm.upscaling import UpscaleConfig
 
@@ -150,8 +152,12 @@ def schedule_flags_from_diffusers(scheduler_config: dict[str, Any], folder: Path
 # Pipelines whose folders hold the weights of a U-Net kind we run (text-to-image, inpainting or SD's x4
 # super-resolution); img2img is a mode of ours over the same weights.
 UPSCALE_PIPELINE = "StableDiffusionUpscalePipeline"
+SDXL_PIPELINE, SDXL_REFINER_PIPELINE = "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"
 PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
-                    UPSCALE_PIPELINE)
+                    UPSCALE_PIPELINE, SDXL_PIPELINE, SDXL_REFINER_PIPELINE)
+# SDXL's text encoders: diffusers component -> its tokenizer folder and transformers class
+SDXL_TEXT_COMPONENTS = {"text_encoder": ("tokenizer", "CLIPTextModel"),
+                        "text_encoder_2": ("tokenizer_2", "CLIPTextModelWithProjection")}
 
 
 def load_diffusers_folder(folder: str | Path) -> tuple[PipelineConfig, dict[str, dict[str, torch.Tensor]]]:
@@ -177,33 +183,80 @@ def load_diffusers_folder(folder: str | Path) -> tuple[PipelineConfig, dict[str,
         check_upscaler_channels(unet_config, vae_config, str(folder))
     else:
         checkpoints.check_unet_channels(unet_config, vae_config, str(folder))
+    if unet_config.adm_in_channels is not None:
+        return _load_sdxl_folder(folder, index, unet_config, vae_config, unet_json)
     text_config = text_keymap.config_from_diffusers(_read_json(folder / "text_encoder" / "config.json"))
     tokenizer = ClipTokenizer.from_diffusers_folder(folder / "tokenizer")
     text_config = _with_tokenizer_settings(text_config, tokenizer)
     scheduler_dict = _read_json(folder / "scheduler" / "scheduler_config.json")
-    native_size = unet_json.get("sample_size", 64)
-    factor = 2 ** (len(vae_config.channel_mult) - 1)
-    sampling = SamplingDefaults(
-        height=int(native_size) * factor,
-        width=int(native_size) * factor,
-        sampler=sampler_for_scheduler(scheduler_dict, folder),
-        karras=schedule_flags_from_diffusers(scheduler_dict, folder),
-    )
     config = PipelineConfig(
         unet=unet_config,
         vae=vae_config,
         text_encoder=text_config,
         schedule=schedule_config_from_diffusers(scheduler_dict),
-        sampling=sampling,
+        sampling=_sampling_defaults(folder, scheduler_dict, unet_json, vae_config),
         upscale=upscale,
     )
     parts = {}
     for name, component_config in (("unet", unet_config), ("vae", vae_config), ("text_encoder", text_config)):
-        state_dict = checkpoints.load_state_dict(_weights_file(folder / name, name))
-        try:
-            parts[name] = _KEYMAPS[name].from_diffusers(state_dict, component_config)
-        except (KeyError, ValueError) as error:
-            raise CheckpointError(f"{folder / name}: weights do not fit its config.json ({error})") from None
+        parts[name] = _component_weights(folder, name, name, component_config)
+    return config, parts
+
+
+def _sampling_defaults(folder: Path, scheduler_dict: dict[str, Any], unet_json: dict[str, Any],
+                       vae_config) -> SamplingDefaults:
+    """The native size (the U-Net's ``sample_size`` in latent pixels) and the folder's scheduler as a sampler."""
+    native_size = unet_json.get("sample_size", 64)
+    factor = 2 ** (len(vae_config.channel_mult) - 1)
+    return SamplingDefaults(
+        height=int(native_size) * factor,
+        width=int(native_size) * factor,
+        sampler=sampler_for_scheduler(scheduler_dict, folder),
+        karras=schedule_flags_from_diffusers(scheduler_dict, folder),
+    )
+
+
+def _component_weights(folder: Path, component: str, kind: str, component_config) -> dict[str, torch.Tensor]:
+    """The weights of ``folder/component`` in our names, through the key map of ``kind`` (unet, vae, text_encoder)."""
+    state_dict = checkpoints.load_state_dict(_weights_file(folder / component, kind))
+    try:
+        return _KEYMAPS[kind].from_diffusers(state_dict, component_config)
+    except (KeyError, ValueError) as error:
+        raise CheckpointError(f"{folder / component}: weights do not fit its config.json ({error})") from None
+
+
+def _load_sdxl_folder(folder: Path, index: dict[str, Any], unet_config, vae_config,
+                      unet_json: dict[str, Any]) -> tuple[PipelineConfig, dict[str, dict[str, torch.Tensor]]]:
+    """An SDXL base (``text_encoder`` CLIP ViT-L + ``text_encoder_2`` bigG) or refiner (bigG alone) folder.
+
+    Both towers become SDXL embedders (raw penultimate hidden states; bigG as ``kind="openclip"`` with its
+    projection, for the pooled output); their weights are ``embedders.{i}.*`` of our text encoder.
+    """
+    present = [name for name in SDXL_TEXT_COMPONENTS if (index.get(name) or [None])[0] is not None]
+    if not present or present[-1] != "text_encoder_2":
+        raise CheckpointError(f"{folder}: an SDXL folder needs text_encoder_2 (OpenCLIP bigG) in model_index.json")
+    text_configs, text_weights = [], {}
+    for i, name in enumerate(present):
+        tower = text_keymap.config_from_diffusers(_read_json(folder / name / "config.json"))
+        tokenizer = ClipTokenizer.from_diffusers_folder(folder / SDXL_TEXT_COMPONENTS[name][0])
+        tower = _with_tokenizer_settings(replace(tower, layer="penultimate", final_norm=False), tokenizer)
+        if name == "text_encoder_2":
+            tower = replace(tower, kind="openclip")
+        weights = _component_weights(folder, name, "text_encoder", tower)
+        if tower.kind == "openclip":  # CLIP's temperature: no diffusers counterpart, unused for conditioning
+            weights.setdefault("model.logit_scale", torch.tensor(math.log(1 / 0.07)))
+        text_configs.append(tower)
+        text_weights |= {f"embedders.{i}.{key}": value for key, value in weights.items()}
+    scheduler_dict = _read_json(folder / "scheduler" / "scheduler_config.json")
+    config = PipelineConfig(
+        unet=unet_config, vae=vae_config, text_encoder=text_configs[0],
+        text_encoder_2=text_configs[1] if len(text_configs) == 2 else None,
+        schedule=schedule_config_from_diffusers(scheduler_dict),
+        sampling=_sampling_defaults(folder, scheduler_dict, unet_json, vae_config),
+        sdxl=SDXLConfig(force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True))),
+    )
+    parts = {"unet": _component_weights(folder, "unet", "unet", unet_config),
+             "vae": _component_weights(folder, "vae", "vae", vae_config), "text_encoder": text_weights}
     return config, parts
 
 
@@ -233,8 +286,12 @@ def _with_tokenizer_settings(text_config, tokenizer: ClipTokenizer):
 
 def save_diffusers_folder(pipe, path: str | Path, *, dtype: torch.dtype | None = None) -> None:
     """Write ``pipe`` as a folder ``diffusers.StableDiffusionPipeline.from_pretrained`` loads offline
-    (``StableDiffusionUpscalePipeline`` for a super-resolution model, with its ``low_res_scheduler``)."""
+    (``StableDiffusionUpscalePipeline`` for a super-resolution model, with its ``low_res_scheduler``;
+    ``StableDiffusionXLPipeline`` / ``StableDiffusionXLImg2ImgPipeline`` for SDXL)."""
     config: PipelineConfig = pipe.config
+    if config.is_sdxl:
+        _save_sdxl_folder(pipe, path, dtype=dtype)
+        return
     weights = {name: getattr(pipe, name).state_dict() for name in _KEYMAPS}
     if config.is_upscaler:
         config, weights["vae"] = _upscaler_vae(config, weights["vae"])
@@ -256,6 +313,67 @@ def save_diffusers_folder(pipe, path: str | Path, *, dtype: torch.dtype | None =
         if config.is_upscaler:
             (folder / "low_res_scheduler").mkdir()
             write_json(folder / "low_res_scheduler" / "scheduler_config.json", low_res_scheduler_json(config))
+
+
+def _save_sdxl_folder(pipe, path: str | Path, *, dtype: torch.dtype | None) -> None:
+    """An SDXL pipeline as a ``StableDiffusionXLPipeline`` folder (``StableDiffusionXLImg2ImgPipeline`` for a
+    refiner, whose only text encoder is ``text_encoder_2``)."""
+    config: PipelineConfig = pipe.config
+    towers = list(zip(config.text_encoder_configs, pipe.text_encoder.embedders))
+    names = list(SDXL_TEXT_COMPONENTS)[-len(towers):]
+    with checkpoints.atomic_folder(path) as folder:
+        write_json(folder / "model_index.json", sdxl_model_index(config))
+        for name, component_config in (("unet", config.unet), ("vae", config.vae)):
+            _write_component(folder, name, _KEYMAPS[name].to_diffusers(getattr(pipe, name).state_dict(), component_config),
+                             component_config_json(name, _KEYMAPS[name], config), dtype)
+        for name, (tower, module) in zip(names, towers):
+            state = text_keymap.to_diffusers(module.state_dict(), tower, with_projection=tower.kind == "openclip")
+            hf_config = transformers_text_config(tower, architecture=SDXL_TEXT_COMPONENTS[name][1])
+            _write_component(folder, name, state, hf_config, dtype, weights_kind="text_encoder")
+            module.tokenizer.save_pretrained(folder / SDXL_TEXT_COMPONENTS[name][0])
+        (folder / "scheduler").mkdir()
+        write_json(folder / "scheduler" / "scheduler_config.json", scheduler_json(config))
+
+
+def _write_component(folder: Path, name: str, state_dict: dict[str, torch.Tensor], config_json: dict[str, Any],
+                     dtype: torch.dtype | None, *, weights_kind: str | None = None) -> None:
+    """``folder/name/config.json`` and its weights (in ``dtype`` when given)."""
+    if dtype is not None:
+        state_dict = {k: t.to(dtype) if t.is_floating_point() else t for k, t in state_dict.items()}
+    (folder / name).mkdir()
+    write_json(folder / name / "config.json", config_json)
+    checkpoints.save_safetensors_atomic(state_dict, folder / name / _WEIGHT_NAMES[weights_kind or name][0],
+                                        metadata={"format": "pt"})
+
+
+def sdxl_model_index(config: PipelineConfig) -> dict[str, Any]:
+    """``model_index.json`` of an SDXL base (two text encoders) or refiner (``text_encoder_2`` alone) folder."""
+    import diffusers
+
+    base = config.text_encoder_2 is not None
+    text = {name: ["transformers", cls] if base or name.endswith("_2") else [None, None]
+            for name, (_, cls) in SDXL_TEXT_COMPONENTS.items()}
+    tokenizers = {tokenizer: ["transformers", "CLIPTokenizer"] if base or tokenizer.endswith("_2") else [None, None]
+                  for tokenizer, _ in SDXL_TEXT_COMPONENTS.values()}
+    return {
+        "_class_name": SDXL_PIPELINE if base else SDXL_REFINER_PIPELINE,
+        "_diffusers_version": diffusers.__version__,
+        "force_zeros_for_empty_prompt": config.sdxl.force_zeros_for_empty_prompt,
+        **({} if base else {"requires_aesthetics_score": True}),
+        "scheduler": ["diffusers", SCHEDULER_CLASSES[config.sampling.sampler]],
+        **text, **tokenizers,
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+
+
+def transformers_text_config(tower, *, architecture: str = "CLIPTextModel") -> dict[str, Any]:
+    """``config.json`` of a diffusers text-encoder folder holding ``tower`` as a transformers ``architecture``."""
+    import transformers
+
+    values = transformers.CLIPTextConfig(**text_keymap.diffusers_config(tower)).to_dict()
+    values["architectures"] = [architecture]
+    return values
 
 
 def _upscaler_vae(config: PipelineConfig, vae_weights: dict[str, torch.Tensor]):
@@ -319,17 +437,14 @@ def component_config_json(name: str, keymap, config: PipelineConfig) -> dict[str
     """``{name}/config.json`` of component ``name`` (``"unet"``, ``"vae"``, ``"text_encoder"``), made by
     its key map (``ldm.formats.{unet,vae,text}_keys``) from ``config``."""
     import diffusers
-    import transformers
 
+    if name == "text_encoder":
+        return transformers_text_config(config.text_encoder)
     if name == "unet":  # sample_size tells diffusers the native resolution (in latent pixels)
         factor = config.vae.downsample_factor
         values = keymap.diffusers_config(config.unet, sample_size=config.sampling.height // factor)
     else:
         values = dict(keymap.diffusers_config(getattr(config, name)))
-    if name == "text_encoder":
-        config = transformers.CLIPTextConfig(**values).to_dict()
-        config["architectures"] = ["CLIPTextModel"]
-        return config
     class_name = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}[name]
     return {"_class_name": class_name, "_diffusers_version": diffusers.__version__, **plain_data(values)}
 

@@ -44,6 +44,10 @@ metadata carries ``ss_network_dim`` (rank), ``ss_network_alpha`` and ``ldm_lora_
 (``unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight``; no alpha
 stored means ``alpha = rank``).
 
+SDXL (kohya ``sdxl_train_network.py`` files): ``lora_unet_*`` in the original SGM layout (as above),
+``lora_te1_*`` for the CLIP ViT-L text encoder (``embedders.0``). ``lora_te2_*`` (OpenCLIP bigG, whose
+attention is one fused ``in_proj`` weight here) is refused with a one-line error for now.
+
 While adapters are attached, peft wraps each adapted layer, so the module's own state-dict
 names change (``to_q.weight`` -> ``to_q.base_layer.weight``); :func:`merge_lora` or
 :func:`unload_lora` restore the plain layers and names.
@@ -63,7 +67,7 @@ from torch import nn
 from ldm.errors import CheckpointError, ConfigError
 from ldm.formats.checkpoints import load_state_dict, save_safetensors_atomic
 from ldm.formats.unet_keys import module_map
-from ldm.models.text_encoders import CLIPTextEncoder, OpenCLIPTextEncoder
+from ldm.models.text_encoders import CLIPTextEncoder, OpenCLIPTextEncoder, SDXLTextEncoder
 from ldm.models.unet import UNetModel
 
 logger = logging.getLogger(__name__)
@@ -73,6 +77,7 @@ TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 UNET_KOHYA_PREFIX = "lora_unet_"
 TEXT_KOHYA_PREFIX = "lora_te_"
+SDXL_TEXT_KOHYA_PREFIXES = ("lora_te1_", "lora_te2_")  # SDXL: CLIP ViT-L, OpenCLIP bigG (transformers names)
 FORMAT_NAME = "kohya-lora"
 _KOHYA_SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
 _PEFT_SUFFIXES = {".lora_A.weight": "down", ".lora_B.weight": "up"}
@@ -434,7 +439,20 @@ def layer_lookup_table(modules: Mapping[str, nn.Module]) -> dict[str, tuple[str,
             name = _text_model_path(ours)
             table[TEXT_KOHYA_PREFIX + name.replace(".", "_")] = ("text_encoder", ours)
             table["text_encoder." + name] = ("text_encoder", ours)
+    if isinstance(text, SDXLTextEncoder):
+        for index, embedder in enumerate(text.embedders):
+            if isinstance(embedder, CLIPTextEncoder):
+                for ours, _ in _adaptable_layers(embedder):
+                    name = SDXL_TEXT_KOHYA_PREFIXES[index] + _text_model_path(ours).replace(".", "_")
+                    table[name] = ("text_encoder", f"embedders.{index}.{ours}")
     return table
+
+
+def _refuse_sdxl_bigg_lora(tensors: Mapping[str, torch.Tensor], modules: Mapping[str, nn.Module], source: str) -> None:
+    """One line for a kohya SDXL LoRA that adapts the OpenCLIP bigG text encoder (``lora_te2_*``)."""
+    if isinstance(modules["text_encoder"], SDXLTextEncoder) and any(k.startswith("lora_te2_") for k in tensors):
+        raise CheckpointError(f"{source}: LoRA for SDXL's second text encoder (lora_te2_*, OpenCLIP bigG) is not "
+                              "supported yet (its attention is one fused in_proj weight here)")
 
 
 def _split_key(key: str) -> tuple[str, str] | None:
@@ -454,6 +472,7 @@ def _parse_lora_file(
         CheckpointError: a key that is no LoRA tensor, names no layer of this model, or an
             entry without both ``down`` and ``up``.
     """
+    _refuse_sdxl_bigg_lora(tensors, modules, source)
     table = layer_lookup_table(modules)
     groups: dict[str, dict[str, dict]] = {}
     unknown = []

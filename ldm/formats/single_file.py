@@ -13,6 +13,10 @@ layout of the CompVis (SD 1.x) and Stability (SD 2.x) training code:
   (transformers names); ``cond_stage_model.model.*``: SD 2.x text encoder, OpenCLIP ViT-H/14
   (open_clip names), either a complete or an exported tower (:mod:`ldm.formats.single_file_config`;
   an exported one is renamed here for a transformers ``CLIPTextModel``);
+* ``conditioner.embedders.{i}.*``: SDXL's text encoders (Stability's generative-models layout): CLIP ViT-L
+  (``embedders.0.transformer.text_model.*``) and OpenCLIP bigG (``embedders.1.model.*``), or bigG alone
+  (``embedders.0.model.*``, the refiner); our :class:`~ldm.models.text_encoders.SDXLTextEncoder` uses these
+  names below ``conditioner.``;
 * ``betas``, ``alphas_cumprod``, ...: the DDPM schedule as buffers. They are checked against the
   config (a warning when they differ), never loaded: every reader recomputes them;
 * ``low_scale_model.betas``, ``low_scale_model.alphas_cumprod``, ...: SD's x4 upscaler only, the schedule
@@ -169,7 +173,8 @@ def read_single_file(
     return OriginalCheckpoint(
         config=resolved,
         parts={"unet": ema_unet if used_ema else non_ema_unet, "vae": vae_weights,
-               "text_encoder": _text_weights_for(resolved.text_encoder, text_weights, source)},
+               "text_encoder": _sdxl_text_weights(text_weights) if resolved.is_sdxl
+               else _text_weights_for(resolved.text_encoder, text_weights, source)},
         ema_unet=ema_unet,
         non_ema_unet=non_ema_unet,
         ema_buffers={k: other[k] for k in EMA_BUFFERS if k in other},
@@ -299,9 +304,6 @@ def _refuse_other_model_types(state: Mapping[str, Tensor], source: str) -> None:
     def any_starts(*prefixes: str) -> bool:
         return any(k.startswith(prefixes) for k in keys)
 
-    if any_starts("conditioner.embedders."):
-        raise CheckpointError(f"{source} is an SDXL / SGM checkpoint (conditioner.embedders.*); "
-                              "only Stable Diffusion 1.x/2.x single files are supported")
     if any_starts("control_model."):
         raise CheckpointError(f"{source} is a ControlNet checkpoint (control_model.*), which is not supported")
     if any_starts("lora_unet_", "lora_te") or any(".lora_down." in k or ".lora_A." in k for k in keys):
@@ -394,6 +396,11 @@ def _normalise_text_keys(weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
     legacy = ("transformer.embeddings.", "transformer.encoder.", "transformer.final_layer_norm.")
     return {("transformer.text_model." + k[len("transformer."):] if k.startswith(legacy) else k): v
             for k, v in weights.items()}
+
+
+def _sdxl_text_weights(weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """SDXL's embedders as they are, without the constant CLIP ``position_ids`` buffers we do not store."""
+    return {k: v for k, v in weights.items() if not k.endswith(POSITION_IDS)}
 
 
 def _text_weights_for(config: TextEncoderConfig, weights: dict[str, Tensor], source: str) -> dict[str, Tensor]:

@@ -53,7 +53,8 @@ from torch import Tensor
 from autoencoder.model import AutoencoderConfig
 from ldm.config import PipelineConfig, SamplingDefaults
 from ldm.errors import CheckpointError
-from ldm.formats.checkpoints import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
+from ldm.formats.checkpoints import SDXL_TEXT_KEYS, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
+from ldm.models.sdxl_conditioning import SDXLConfig
 from ldm.models.text_encoders import TextEncoderConfig
 from ldm.models.unet import UNetConfig
 from ldm.sampling.schedule import ScheduleConfig
@@ -91,6 +92,8 @@ TEXT_HEAD_CHANNELS = 64  # CLIP ViT-L/14 (768 / 12) and OpenCLIP ViT-H/14 (1024 
 SD1_UNET_HEADS = {"num_heads": 8, "num_head_channels": -1}
 SD2_UNET_HEADS = {"num_heads": -1, "num_head_channels": 64}
 DEFAULT_SCALING_FACTOR = 0.18215
+SDXL_SCALING_FACTOR = 0.13025  # SDXL's own VAE
+SDXL_LATENT_SIZE = 128  # SDXL's native 1024x1024
 # SD's x4 upscaler (x4-upscaling.yaml); diffusers' StableDiffusionUpscalePipeline imposes the scaling factor.
 UPSCALER_SCALING_FACTOR = 0.08333
 UPSCALER_UNET_HEADS = {"num_heads": 8, "num_head_channels": -1}
@@ -112,6 +115,8 @@ def infer_config(parts: Mapping[str, Mapping[str, Tensor]], *, prediction: str |
             upscaler (v). SD 2.x v-prediction models get their native 768x768 size, every other
             text-to-image model 512x512 (for an f=8 VAE).
     """
+    if any(key.startswith(SDXL_TEXT_KEYS) for key in parts["text_encoder"]):
+        return infer_sdxl_config(parts, prediction=prediction)
     text = infer_text_config(parts["text_encoder"])
     family = "sd2" if text_layout(parts["text_encoder"]) != "clip" else "sd1"
     unet = infer_unet_config(parts["unet"], family)
@@ -124,6 +129,33 @@ def infer_config(parts: Mapping[str, Mapping[str, Tensor]], *, prediction: str |
     latent_size = 96 if family == "sd2" and prediction == "v" else 64
     return PipelineConfig(unet=unet, vae=vae, text_encoder=text, schedule=ScheduleConfig(prediction=prediction),
                           sampling=native_sampling(latent_size, vae))
+
+
+def infer_sdxl_config(parts: Mapping[str, Mapping[str, Tensor]], *, prediction: str | None = None) -> PipelineConfig:
+    """An SDXL base (text ``embedders.0`` CLIP ViT-L, ``embedders.1`` OpenCLIP bigG) or refiner (bigG alone)
+    config from the weights; the SDXL VAE's scaling factor, 1024x1024, diffusers' SDXL schedule."""
+    try:
+        return _sdxl_config(parts, prediction)
+    except CheckpointError as error:
+        raise CheckpointError(f"SDXL checkpoint: {error}") from None
+
+
+def _sdxl_config(parts: Mapping[str, Mapping[str, Tensor]], prediction: str | None) -> PipelineConfig:
+    text = parts["text_encoder"]
+    towers = []
+    for i in key_indices(text, SDXL_TEXT_KEYS):
+        prefix = f"{SDXL_TEXT_KEYS}{i}."
+        tower = infer_text_config({k[len(prefix):]: v for k, v in text.items() if k.startswith(prefix)})
+        towers.append(replace(tower, layer="penultimate", final_norm=False))
+    if not 1 <= len(towers) <= 2 or towers[-1].kind != "openclip":
+        raise CheckpointError(f"cannot read the SDXL text encoders: expected CLIP ViT-L and/or OpenCLIP bigG "
+                              f"embedders, found {[t.kind for t in towers]}")
+    vae = infer_vae_config(parts["vae"], scaling_factor=SDXL_SCALING_FACTOR)
+    return PipelineConfig(unet=infer_unet_config(parts["unet"], "sdxl"), vae=vae, text_encoder=towers[0],
+                          text_encoder_2=towers[1] if len(towers) == 2 else None,
+                          schedule=ScheduleConfig(prediction=prediction or "eps"),
+                          sampling=native_sampling(SDXL_LATENT_SIZE, vae),
+                          sdxl=SDXLConfig(force_zeros_for_empty_prompt=len(towers) == 2))  # diffusers: refiner False
 
 
 def is_upscaler_unet(unet: UNetConfig, vae: AutoencoderConfig) -> bool:
@@ -197,6 +229,7 @@ def infer_unet_config(weights: Mapping[str, Tensor], family: str) -> UNetConfig:
     attention = [n for n, level in enumerate(levels) if f"input_blocks.{level[0]}.1.proj_in.weight" in weights]
     to_k = _need(weights, "middle_block.1.transformer_blocks.0.attn2.to_k.weight", "U-Net")
     label_emb = weights.get("label_emb.weight")
+    vector_emb = weights.get("label_emb.0.0.weight")  # SDXL: label_emb.0 = Linear -> SiLU -> Linear of y
     try:
         return UNetConfig(
             in_channels=in_channels,
@@ -206,16 +239,31 @@ def infer_unet_config(weights: Mapping[str, Tensor], family: str) -> UNetConfig:
             num_res_blocks=len(levels[0]),
             attention_resolutions=tuple(2**n for n in attention),
             context_dim=to_k.shape[1],
-            transformer_depth=len(key_indices(weights, "middle_block.1.transformer_blocks.")),
+            transformer_depth=_transformer_depths(weights, levels, attention),
             use_linear_in_transformer=weights["middle_block.1.proj_in.weight"].ndim == 2,
             upcast_attention=family == "sd2",  # Stability's SD 2 code computes attention in float32
+            adm_in_channels=vector_emb.shape[1] if vector_emb is not None else None,
             norm_groups=COMPVIS_NORM_GROUPS,
             num_classes=label_emb.shape[0] if label_emb is not None else None,
             disable_self_attentions=_self_attention_disabled(weights, levels, attention, to_k.shape[1]),
-            **(SD2_UNET_HEADS if family == "sd2" else SD1_UNET_HEADS),
+            **(SD1_UNET_HEADS if family == "sd1" else SD2_UNET_HEADS),  # SDXL: 64-channel heads too
         )
     except ValueError as error:
         raise CheckpointError(f"cannot build a U-Net for these weights ({error}); pass a config") from None
+
+
+def _transformer_depths(weights: Mapping[str, Tensor], levels: list[list[int]], attention: list[int]) -> int | tuple:
+    """Transformer blocks per level: one int when every attention level and the middle block agree, else per
+    level (SDXL base: ``(1, 2, 10)``), the middle block's count at the last level (where our U-Net reads it)
+    and 1 at other levels without attention (the value of sgm's YAML and diffusers' configs)."""
+    middle = len(key_indices(weights, "middle_block.1.transformer_blocks."))
+    counts = {n: len(key_indices(weights, f"input_blocks.{levels[n][0]}.1.transformer_blocks.")) for n in attention}
+    if set(counts.values()) <= {middle}:
+        return middle
+    last = len(levels) - 1
+    if counts.get(last, middle) != middle:
+        raise CheckpointError(f"the middle block has {middle} transformer blocks, the last level {counts[last]}")
+    return tuple(middle if n == last else counts.get(n, 1) for n in range(len(levels)))
 
 
 def _self_attention_disabled(weights: Mapping[str, Tensor], levels: list[list[int]], attention: list[int],

@@ -62,12 +62,16 @@ def _text_to_original(config: TextEncoderConfig, weights: Mapping[str, Tensor]) 
     if config.kind == "openclip":
         return dict(weights)
     if config.act == "quick_gelu":
-        position_ids = torch.arange(config.max_length, dtype=torch.int64).unsqueeze(0)
-        return {**weights, POSITION_IDS: position_ids}
+        return {**weights, POSITION_IDS: _position_ids(config)}
     exported = exported_text_config(config)
     kept = {k: v for k, v in weights.items() if not _is_dropped_clip_block(k, exported.layers)}
     diffusers_names = {k[len("transformer."):]: v for k, v in kept.items()}
     return text_keymap.from_diffusers(diffusers_names, replace(exported, kind="openclip"))
+
+
+def _position_ids(config: TextEncoderConfig) -> Tensor:
+    """The constant ``position_ids [1, max_length]`` buffer CLIP towers carry in original files."""
+    return torch.arange(config.max_length, dtype=torch.int64).unsqueeze(0)
 
 
 def _is_dropped_clip_block(key: str, kept_layers: int) -> bool:
@@ -90,12 +94,17 @@ def original_state_dict(
     ``ema_buffers`` (``model_ema.decay`` / ``num_updates``) when given. Schedule buffers are not
     written: every reader recomputes them from its config.
     """
-    text = _text_to_original(config.text_encoder, parts["text_encoder"])
+    if config.is_sdxl:  # conditioner.embedders.{i}.*: each tower as it is, CLIP ViT-L with its position_ids
+        text = dict(parts["text_encoder"])
+        text |= {f"embedders.{i}.{POSITION_IDS}": _position_ids(tower)
+                 for i, tower in enumerate(config.text_encoder_configs) if tower.kind == "clip"}
+    else:
+        text = _text_to_original(config.text_encoder, parts["text_encoder"])
     state = checkpoints.join_components({"unet": parts["unet"], "vae": parts["vae"], "text_encoder": text})
     if ema_unet is not None:
         state.update({ema_key(k): v for k, v in ema_unet.items()})
         state.update(dict(ema_buffers or {}))
-    return state, replace(config, text_encoder=exported_text_config(config.text_encoder))
+    return state, (config if config.is_sdxl else replace(config, text_encoder=exported_text_config(config.text_encoder)))
 
 
 def write_single_file(

@@ -52,8 +52,9 @@ _BLOCK_RENAMES = {
 
 
 def exported_num_layers(cfg: TextEncoderConfig) -> int:
-    """Blocks of the diffusers model: all for ``kind="clip"``, the used ones for ``"openclip"``."""
-    return cfg.num_layers_used if cfg.kind == "openclip" else cfg.layers
+    """Blocks of the diffusers model: all for ``kind="clip"``, the used ones for ``"openclip"`` (SD2), all
+    again for SDXL's OpenCLIP tower (``final_norm=False``: its pooled output needs the last block)."""
+    return cfg.num_layers_used if cfg.kind == "openclip" and cfg.final_norm else cfg.layers
 
 
 def diffusers_config(cfg: TextEncoderConfig) -> dict[str, Any]:

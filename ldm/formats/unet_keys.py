@@ -6,6 +6,11 @@ generated from a :class:`~ldm.models.unet.UNetConfig` by walking levels and bloc
 models build them. No tensor needs a reshape: both sides use 1x1 convs for ``proj_in``/
 ``proj_out`` when ``use_linear_in_transformer`` is False and Linear layers when it is True.
 
+SDXL's vector conditioning: our ``label_emb.0.0``/``label_emb.0.2`` (CompVis ``num_classes: sequential``)
+are diffusers' ``add_embedding.linear_1``/``linear_2`` (``addition_embed_type: text_time``); diffusers
+Fourier-embeds the micro-conditioning inside the U-Net (``add_time_proj``, no weights), we do it in
+:mod:`ldm.models.sdxl_conditioning` before the U-Net.
+
 Naming trap: diffusers' ``attention_head_dim`` is the *number of heads* (a historical misnomer,
 diffusers issue #2011): an int for SD1 (8), a per-level list for SD2 (``[5, 10, 20, 20]`` for
 64-channel heads on 320/640/1280/1280 channels).
@@ -19,6 +24,7 @@ from typing import Any
 
 from torch import Tensor
 
+from ldm.models.sdxl_conditioning import MICRO_CONDITIONING_FEATURES
 from ldm.models.unet import UNetConfig
 
 logger = logging.getLogger(__name__)
@@ -70,6 +76,7 @@ def diffusers_config(cfg: UNetConfig, *, sample_size: int | None = 64) -> dict[s
         "up_block_types": up,
         "only_cross_attention": list(cfg.disable_self_attentions) if cfg.disable_self_attentions else False,
         "num_class_embeds": cfg.num_classes,
+        **_addition_embedding(cfg),
         "block_out_channels": tuple(cfg.level_channels(level) for level in range(cfg.num_levels)),
         "layers_per_block": cfg.num_res_blocks,
         "downsample_padding": 1,
@@ -78,11 +85,23 @@ def diffusers_config(cfg: UNetConfig, *, sample_size: int | None = 64) -> dict[s
         "norm_num_groups": cfg.norm_groups,
         "norm_eps": 1e-5,
         "cross_attention_dim": cfg.context_dim,
-        "transformer_layers_per_block": cfg.transformer_depth,
+        "transformer_layers_per_block": (list(cfg.transformer_depth) if isinstance(cfg.transformer_depth, tuple)
+                                         else cfg.transformer_depth),
         # The trap: this is the number of heads. An int when all levels agree (SD1), else a list.
         "attention_head_dim": heads[0] if len(set(heads)) == 1 else tuple(heads),
         "use_linear_projection": cfg.use_linear_in_transformer,
         "upcast_attention": cfg.upcast_attention,
+    }
+
+
+def _addition_embedding(cfg: UNetConfig) -> dict[str, Any]:
+    """diffusers' options for SDXL's vector conditioning (none when the config has no ``adm_in_channels``)."""
+    if cfg.adm_in_channels is None:
+        return {}
+    return {
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": MICRO_CONDITIONING_FEATURES,
+        "projection_class_embeddings_input_dim": cfg.adm_in_channels,
     }
 
 
@@ -103,8 +122,6 @@ _DIFFUSERS_REQUIRED: dict[str, Any] = {
     "encoder_hid_dim_type": None,
     "dual_cross_attention": False,
     "class_embed_type": None,
-    "addition_embed_type": None,
-    "addition_time_embed_dim": None,
     "resnet_time_scale_shift": "default",
     "resnet_skip_time_act": False,
     "resnet_out_scale_factor": 1.0,
@@ -115,7 +132,6 @@ _DIFFUSERS_REQUIRED: dict[str, Any] = {
     "time_cond_proj_dim": None,
     "conv_in_kernel": 3,
     "conv_out_kernel": 3,
-    "projection_class_embeddings_input_dim": None,
     "attention_type": "default",
     "class_embeddings_concat": False,
     "mid_block_only_cross_attention": None,
@@ -125,12 +141,36 @@ _DIFFUSERS_READ = {
     "in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
     "layers_per_block", "norm_num_groups", "cross_attention_dim", "transformer_layers_per_block",
     "attention_head_dim", "num_attention_heads", "use_linear_projection", "upcast_attention",
-    "only_cross_attention", "num_class_embeds",
+    "only_cross_attention", "num_class_embeds", "addition_embed_type", "addition_time_embed_dim",
+    "projection_class_embeddings_input_dim",
 }
 # UNet2DConditionModel defaults for keys a config.json may omit.
 _DIFFUSERS_DEFAULT_DOWN = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
 _DIFFUSERS_DEFAULT_UP = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
 _DIFFUSERS_IGNORED = {"sample_size", "addition_embed_type_num_heads"}
+
+
+def _adm_in_channels(d: Mapping[str, Any]) -> int | None:
+    """Our ``adm_in_channels`` from diffusers' ``addition_embed_type`` options (None: no vector)."""
+    kind = d.get("addition_embed_type")
+    if kind is None:
+        for key in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+            if d.get(key) is not None:
+                raise ValueError(f"unsupported diffusers U-Net option {key}={d[key]!r} without addition_embed_type")
+        return None
+    if kind != "text_time":
+        raise ValueError(f"unsupported diffusers U-Net option addition_embed_type={kind!r} (supported: 'text_time')")
+    if d.get("addition_time_embed_dim") != MICRO_CONDITIONING_FEATURES:
+        raise ValueError(f"unsupported diffusers U-Net option addition_time_embed_dim="
+                         f"{d.get('addition_time_embed_dim')!r} (supported: {MICRO_CONDITIONING_FEATURES})")
+    if not isinstance(d.get("projection_class_embeddings_input_dim"), int):
+        raise ValueError("addition_embed_type 'text_time' needs an integer projection_class_embeddings_input_dim")
+    return d["projection_class_embeddings_input_dim"]
+
+
+def _depths(value: Any) -> int | tuple[int, ...]:
+    """diffusers' ``transformer_layers_per_block`` (one int or one per level) -> ours."""
+    return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else int(value)
 
 
 def _single(value: Any, name: str) -> Any:
@@ -214,11 +254,12 @@ def config_from_diffusers(d: Mapping[str, Any]) -> UNetConfig:
         num_res_blocks=_single(d.get("layers_per_block", 2), "layers_per_block"),
         attention_resolutions=tuple(2**level for level in reversed(attention_levels)),
         context_dim=_single(d.get("cross_attention_dim", 1280), "cross_attention_dim"),
-        transformer_depth=_single(d.get("transformer_layers_per_block", 1), "transformer_layers_per_block"),
+        transformer_depth=_depths(d.get("transformer_layers_per_block", 1)),
         use_linear_in_transformer=bool(d.get("use_linear_projection", False)),
         upcast_attention=bool(d.get("upcast_attention", False)),
         norm_groups=d.get("norm_num_groups", 32),
         num_classes=d.get("num_class_embeds"),
+        adm_in_channels=_adm_in_channels(d),
         disable_self_attentions=_only_cross_attention(d.get("only_cross_attention", False), len(channels)),
         **_head_settings(d, channels, attention_levels),
     )
@@ -254,6 +295,9 @@ def module_map(cfg: UNetConfig) -> dict[str, str]:
     }
     if cfg.num_classes is not None:
         pairs["label_emb"] = "class_embedding"
+    if cfg.adm_in_channels is not None:
+        pairs["label_emb.0.0"] = "add_embedding.linear_1"
+        pairs["label_emb.0.2"] = "add_embedding.linear_2"
     index = 1
     for level in range(cfg.num_levels):
         for j in range(cfg.num_res_blocks):

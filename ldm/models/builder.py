@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from autoencoder.model import AutoencoderKL
-from ldm.models.text_encoders import build_text_encoder
+from ldm.models.text_encoders import SDXLTextEncoder, build_text_encoder
 from ldm.models.unet import UNetModel
 
 if TYPE_CHECKING:  # the config module imports the models, not the other way round
@@ -31,6 +31,8 @@ def build_component(name: str, config: PipelineConfig) -> nn.Module:
     if name == "vae":
         return AutoencoderKL(config.vae)
     if name == "text_encoder":
+        if config.is_sdxl:
+            return SDXLTextEncoder(config.text_encoder_configs)
         return build_text_encoder(config.text_encoder)
     raise ValueError(f"unknown component {name!r} (expected one of {COMPONENTS})")
 

@@ -119,26 +119,34 @@ def chunk_ids(tokenizer, chunk: Chunk) -> tuple[list[int], list[float]]:
     return ids, [1.0, *chunk.weights, 1.0] + [1.0] * pad
 
 
-def encode_prompts(text_encoder, prompts: Sequence[str], *, clip_skip: int = 1) -> Tensor:
+def encode_prompts(text_encoder, prompts: Sequence[str], *, clip_skip: int = 1,
+                   pooled: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Prompts -> conditioning ``[B, chunks * max_length, D]``, every prompt padded with encodings of
     the empty prompt to the chunk count of the longest (so a prompt and its negative, encoded in one
-    call, line up); ``clip_skip`` as in :func:`ldm.models.text_encoders.blocks_used`."""
+    call, line up); ``clip_skip`` as in :func:`ldm.models.text_encoders.blocks_used`.
+
+    ``pooled`` (SDXL: an encoder with ``forward_with_pooled``): also return each prompt's pooled
+    embedding ``[B, P]``, that of its first chunk (AUTOMATIC1111's choice for long prompts)."""
     tokenizer = text_encoder.tokenizer
     device = next(text_encoder.parameters()).device
     embeddings = text_encoder.textual_inversions
     per_prompt = [split_into_chunks(tokenizer, prompt, embeddings) for prompt in prompts]
     count = max(len(chunks) for chunks in per_prompt)
-    rows = []
+    rows, pooled_rows = [], []
     for chunks in per_prompt:
         chunks = chunks + [Chunk()] * (count - len(chunks))
         ids, weights = zip(*(chunk_ids(tokenizer, chunk) for chunk in chunks))
         # embedding vectors go after each chunk's start token: (chunk, 1 + position, vectors)
         replacements = [(c, 1 + position, vectors) for c, chunk in enumerate(chunks)
                         for position, vectors in chunk.embeddings]
-        hidden = text_encoder(torch.tensor(ids, device=device), clip_skip=clip_skip,
-                              replacements=replacements)  # [chunks, L, D]
+        encode = text_encoder.forward_with_pooled if pooled else text_encoder
+        hidden = encode(torch.tensor(ids, device=device), clip_skip=clip_skip,
+                        replacements=replacements)  # [chunks, L, D] (and [chunks, P])
+        if pooled:
+            hidden, first_pooled = hidden[0], hidden[1][:1]
+            pooled_rows.append(first_pooled)
         rows.append(emphasise(hidden, torch.tensor(weights, device=device)).reshape(1, -1, hidden.shape[-1]))
-    return torch.cat(rows)
+    return (torch.cat(rows), torch.cat(pooled_rows)) if pooled else torch.cat(rows)
 
 
 def emphasise(hidden: Tensor, weights: Tensor) -> Tensor:

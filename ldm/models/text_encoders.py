@@ -9,6 +9,10 @@ Two families, one interface (:class:`TextEncoder`):
   written here with open_clip's module names, so its parameter names are ``model.*``, the SD2
   checkpoint keys under ``cond_stage_model.``.
 
+SDXL conditions on two of them at once (:class:`SDXLTextEncoder`): CLIP ViT-L and OpenCLIP ViT-bigG,
+both at the penultimate block *without* the final LayerNorm (``final_norm=False``), concatenated along
+the width, plus bigG's pooled, projected final token; its refiner uses bigG alone.
+
 Both are pre-LayerNorm causal transformers (Radford et al. 2021, CLIP section 2.4): token
 embedding + learned positions, ``layers`` blocks of ``x + attn(ln_1(x))``, ``x + mlp(ln_2(x))``,
 then a final LayerNorm. ``layer="penultimate"`` (SD2; "clip skip 2" for SD1 models) takes the
@@ -61,6 +65,8 @@ class TextEncoderConfig:
         pad: tokenizer padding, ``"eot"`` (SD1) or ``"zero"`` (SD2).
         projection_dim: columns of the OpenCLIP ``text_projection`` (unused by the U-Net).
         layer_norm_eps: epsilon of every LayerNorm.
+        final_norm: apply the final LayerNorm to the chosen block's output (SD1, SD2); SDXL's
+            embedders hand the raw penultimate hidden states to the U-Net.
     """
 
     kind: Literal["clip", "openclip"] = "clip"
@@ -75,6 +81,7 @@ class TextEncoderConfig:
     pad: Literal["eot", "zero"] = "eot"
     projection_dim: int = 768
     layer_norm_eps: float = 1e-5
+    final_norm: bool = True
 
     def __post_init__(self) -> None:
         for name, allowed in (("kind", _KINDS), ("act", _ACTS), ("layer", _LAYERS), ("pad", _PADS)):
@@ -96,7 +103,10 @@ class TextEncoderConfig:
         return self.layers - 1 if self.layer == "penultimate" else self.layers
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if self.final_norm:  # the default; absent from SD1/SD2 configs written before it existed
+            del d["final_norm"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TextEncoderConfig":
@@ -113,6 +123,19 @@ class TextEncoderConfig:
         """Stable Diffusion 2.x: OpenCLIP ViT-H/14 text tower, penultimate layer, zero padding."""
         return cls(kind="openclip", width=1024, layers=24, heads=16, act="gelu", layer="penultimate", pad="zero",
                    projection_dim=1024)
+
+    @classmethod
+    def sdxl_clip_l(cls) -> "TextEncoderConfig":
+        """SDXL's first embedder: OpenAI CLIP ViT-L/14, raw penultimate hidden states, eot padding."""
+        return cls(kind="clip", width=768, layers=12, heads=12, act="quick_gelu", layer="penultimate", pad="eot",
+                   projection_dim=768, final_norm=False)
+
+    @classmethod
+    def sdxl_bigg(cls) -> "TextEncoderConfig":
+        """SDXL's second embedder (the refiner's only one): OpenCLIP ViT-bigG/14, raw penultimate hidden
+        states, ``"!"`` (id 0) padding, pooled output projected to 1280."""
+        return cls(kind="openclip", width=1280, layers=32, heads=20, act="gelu", layer="penultimate", pad="zero",
+                   projection_dim=1280, final_norm=False)
 
 
 @runtime_checkable
@@ -257,10 +280,12 @@ class CLIPTextEncoder(_TextEncoderBase):
         ``replacements``: token vectors to use instead of the ids' embeddings, see :func:`replaced_token_vectors`)."""
         blocks = blocks_used(self.config, clip_skip)
         with replaced_token_vectors(self.token_embedding(), replacements):
-            if blocks == self.config.layers:
+            if blocks == self.config.layers and self.config.final_norm:
                 return self.hf_model(input_ids=input_ids).last_hidden_state
             # hidden_states = (embeddings, block 1, ..., block N): entry k is block k's output.
             hidden_states = self.hf_model(input_ids=input_ids, output_hidden_states=True).hidden_states
+        if not self.config.final_norm:
+            return hidden_states[blocks]
         return self._final_layer_norm()(hidden_states[blocks])
 
 
@@ -365,11 +390,21 @@ class OpenCLIPTextTower(nn.Module):
         nn.init.normal_(self.positional_embedding, std=0.01)
         nn.init.normal_(self.text_projection, std=config.width**-0.5)
 
-    def forward(self, input_ids: Tensor, num_blocks: int | None = None) -> Tensor:
-        """``input_ids [B, L]`` -> ``ln_final`` of the output of block ``num_blocks``, ``[B, L, W]``."""
+    def forward(self, input_ids: Tensor, num_blocks: int | None = None, final_norm: bool = True) -> Tensor:
+        """``input_ids [B, L]`` -> the output of block ``num_blocks`` (through ``ln_final`` when
+        ``final_norm``), ``[B, L, W]``."""
         length = input_ids.shape[1]
-        x = self.token_embedding(input_ids) + self.positional_embedding[:length]
-        return self.ln_final(self.transformer(x, num_blocks))
+        hidden = self.transformer(self.token_embedding(input_ids) + self.positional_embedding[:length], num_blocks)
+        return self.ln_final(hidden) if final_norm else hidden
+
+    def pooled(self, hidden: Tensor, num_blocks: int, input_ids: Tensor, eot_id: int) -> Tensor:
+        """CLIP's text embedding: run the blocks after ``num_blocks`` on ``hidden [B, L, W]`` (that block's
+        raw output), ``ln_final``, take each row's first ``eot_id`` token and project: ``[B, projection_dim]``."""
+        for block in self.transformer.resblocks[num_blocks:]:
+            hidden = block(hidden)
+        final = self.ln_final(hidden)
+        positions = (input_ids == eot_id).int().argmax(dim=-1)  # the first end-of-text token of each row
+        return final[torch.arange(final.shape[0], device=final.device), positions] @ self.text_projection
 
 
 class OpenCLIPTextEncoder(_TextEncoderBase):
@@ -393,7 +428,19 @@ class OpenCLIPTextEncoder(_TextEncoderBase):
         """``input_ids [B, L]`` -> ``context [B, L, width]`` (``clip_skip``: see :func:`blocks_used`;
         ``replacements``: see :func:`replaced_token_vectors`)."""
         with replaced_token_vectors(self.token_embedding(), replacements):
-            return self.model(input_ids, num_blocks=blocks_used(self.config, clip_skip))
+            return self.model(input_ids, num_blocks=blocks_used(self.config, clip_skip),
+                              final_norm=self.config.final_norm)
+
+    def forward_with_pooled(self, input_ids: Tensor, clip_skip: int = 1,
+                            replacements: Sequence[Replacement] = ()) -> tuple[Tensor, Tensor]:
+        """``input_ids [B, L]`` -> ``(context [B, L, width], pooled [B, projection_dim])``: the context as
+        :meth:`forward` gives it, and the projected final-LayerNorm output of the last block at each
+        row's end-of-text token (the blocks up to the context's run once)."""
+        blocks = blocks_used(self.config, clip_skip)
+        with replaced_token_vectors(self.token_embedding(), replacements):
+            raw = self.model(input_ids, num_blocks=blocks, final_norm=False)
+            pooled = self.model.pooled(raw, blocks, input_ids, self.tokenizer.eot_id)
+        return (raw if not self.config.final_norm else self.model.ln_final(raw)), pooled
 
 
 # (row, position, vectors [n, width]): the token embeddings of row ``row`` at positions position..position+n-1
@@ -441,3 +488,68 @@ def build_text_encoder(config: TextEncoderConfig) -> CLIPTextEncoder | OpenCLIPT
     if config.kind == "clip":
         return CLIPTextEncoder(config)
     return OpenCLIPTextEncoder(config)
+
+
+class SDXLTextEncoder(nn.Module):
+    """SDXL's conditioner (sgm ``GeneralConditioner``): text embedders whose contexts are concatenated
+    along the width, and the pooled output of the last one.
+
+    Base: ``embedders.0`` CLIP ViT-L (``kind="clip"``) and ``embedders.1`` OpenCLIP ViT-bigG
+    (``kind="openclip"``), context ``[B, L, 768 + 1280]``; refiner: bigG alone, ``[B, L, 1280]``. Parameter
+    names are the original checkpoint's below ``conditioner.``. Token ids come from the first embedder's
+    tokenizer; each embedder gets them with its own padding (bigG pads with ``"!"``, id 0, after the
+    end-of-text token, as diffusers' ``tokenizer_2``).
+    """
+
+    def __init__(self, configs: Sequence[TextEncoderConfig]):
+        super().__init__()
+        if not configs or configs[-1].kind != "openclip":
+            raise ValueError("SDXL's last text embedder must be an OpenCLIP tower (it gives the pooled output)")
+        self.configs = list(configs)
+        self.embedders = nn.ModuleList(build_text_encoder(config) for config in configs)
+        self.tokenizer = self.embedders[0].tokenizer
+        self.textual_inversions: dict[str, Tensor] = {}
+
+    @property
+    def width(self) -> int:
+        """Context channels: the sum of the embedders' widths."""
+        return sum(config.width for config in self.configs)
+
+    @property
+    def pooled_dim(self) -> int:
+        """Width of the pooled output (the last embedder's projection)."""
+        return self.configs[-1].projection_dim
+
+    def add_embedding(self, token: str, vectors: Tensor) -> None:
+        """Textual-inversion embeddings for SDXL carry one vector set per embedder; not read yet."""
+        raise ValueError(f"embedding {token!r}: textual-inversion embeddings are not supported for SDXL models yet")
+
+    def forward(self, input_ids: Tensor, clip_skip: int = 1, replacements: Sequence[Replacement] = ()) -> Tensor:
+        """``input_ids [B, L]`` -> ``context [B, L, width]``."""
+        return self.forward_with_pooled(input_ids, clip_skip, replacements)[0]
+
+    def forward_with_pooled(self, input_ids: Tensor, clip_skip: int = 1,
+                            replacements: Sequence[Replacement] = ()) -> tuple[Tensor, Tensor]:
+        """``input_ids [B, L]`` (the first embedder's tokenizer) -> ``(context [B, L, width], pooled [B, P])``."""
+        if replacements:
+            raise ValueError("textual-inversion embeddings are not supported for SDXL models yet")
+        contexts = [embedder(repadded(input_ids, self.tokenizer, embedder.tokenizer), clip_skip)
+                    for embedder in self.embedders[:-1]]
+        last = self.embedders[-1]
+        context, pooled = last.forward_with_pooled(repadded(input_ids, self.tokenizer, last.tokenizer), clip_skip)
+        return torch.cat([*contexts, context], dim=-1), pooled
+
+    def encode(self, prompts: Sequence[str]) -> Tensor:
+        """``prompts`` (B strings) -> ``context [B, max_length, width]`` on the module's device."""
+        device = next(self.parameters()).device
+        return self(self.tokenizer(list(prompts)).to(device))
+
+
+def repadded(input_ids: Tensor, source: ClipTokenizer, target: ClipTokenizer) -> Tensor:
+    """Token ids ``[B, L]`` padded by ``source`` -> the same ids with ``target``'s padding (every position
+    after a row's first end-of-text token holds ``target.pad_id``)."""
+    if source.pad_id == target.pad_id:
+        return input_ids
+    is_eot = (input_ids == source.eot_id).int()
+    after_first_eot = (is_eot.cumsum(dim=-1) - is_eot) > 0
+    return input_ids.masked_fill(after_first_eot, target.pad_id)

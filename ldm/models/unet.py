@@ -1,4 +1,4 @@
-"""The cross-attention U-Net of latent diffusion (Rombach et al. 2022), SD 1.x and 2.x layouts.
+"""The cross-attention U-Net of latent diffusion (Rombach et al. 2022), SD 1.x, 2.x and XL layouts.
 
 The network predicts noise (or v) for noisy latents ``x [B, C, H, W]`` at timesteps ``t [B]``,
 conditioned on text tokens ``context [B, L, context_dim]`` through cross-attention.
@@ -7,6 +7,9 @@ Structure (CompVis names; a *level* is one spatial resolution, ``ds = 2**level``
 factor)::
 
     time_embed            sinusoidal(t) -> Linear -> SiLU -> Linear           [B, 4*model_channels]
+    label_emb             (optional) an Embedding of integer labels, or (SDXL) label_emb.0 = Linear ->
+                          SiLU -> Linear of a conditioning vector y [B, adm_in_channels]; added to
+                          the time embedding
     input_blocks.0        conv_in
     input_blocks.{i}      ResBlock (+ SpatialTransformer where ds in attention_resolutions),
                           num_res_blocks per level, then a Downsample except at the last level
@@ -52,7 +55,10 @@ class UNetConfig:
     (:func:`ldm.formats.compvis.unet_config_from_compvis` reads a YAML's ``unet_config``).
 
     Defaults are Stable Diffusion 1.x. Stable Diffusion 2.x uses ``num_heads=-1,
-    num_head_channels=64, context_dim=1024, use_linear_in_transformer=True``.
+    num_head_channels=64, context_dim=1024, use_linear_in_transformer=True``. SDXL base uses
+    ``channel_mult=(1, 2, 4), attention_resolutions=(4, 2), transformer_depth=(1, 2, 10),
+    num_head_channels=64, context_dim=2048, adm_in_channels=2816`` (see
+    :mod:`ldm.models.sdxl_conditioning`).
 
     Attributes:
         in_channels: latent channels in (4; 9 for inpainting models).
@@ -65,7 +71,10 @@ class UNetConfig:
         num_head_channels: channels per head; when positive it wins over ``num_heads`` and the
             number of heads is ``channels // num_head_channels`` (as in CompVis).
         context_dim: width of the cross-attention tokens.
-        transformer_depth: BasicTransformerBlocks per SpatialTransformer.
+        transformer_depth: BasicTransformerBlocks per SpatialTransformer: one int, or one per level
+            (SDXL base: ``(1, 2, 10)``); the middle block uses the last level's depth (as CompVis'
+            default ``transformer_depth_middle`` and diffusers do). A tuple whose entries are all
+            equal is stored as one int.
         use_linear_in_transformer: ``proj_in``/``proj_out`` are Linear (SD2) instead of 1x1 conv.
         upcast_attention: compute attention in float32 (SD 2.1 in half precision).
         norm_groups: groups of every GroupNorm.
@@ -74,6 +83,10 @@ class UNetConfig:
         disable_self_attentions: per level, whether the first attention of each transformer block attends
             to the text context instead of the image (CompVis ``disable_self_attentions``, diffusers
             ``only_cross_attention``; the SD x4 upscaler sets it on its first three levels). None: never.
+        adm_in_channels: width of a conditioning vector ``y`` mapped by an MLP (``label_emb.0``) and added
+            to the time embedding (CompVis ``num_classes: sequential`` + ``adm_in_channels``, diffusers
+            ``addition_embed_type: text_time``; SDXL: pooled text embedding + 6 (base) or 5 (refiner)
+            Fourier-embedded micro-conditioning numbers of 256 features each). None: no vector.
     """
 
     in_channels: int = 4
@@ -85,15 +98,19 @@ class UNetConfig:
     num_heads: int = 8
     num_head_channels: int = -1
     context_dim: int = 768
-    transformer_depth: int = 1
+    transformer_depth: int | tuple[int, ...] = 1
     use_linear_in_transformer: bool = False
     upcast_attention: bool = False
     norm_groups: int = 32
     num_classes: int | None = None
     disable_self_attentions: tuple[bool, ...] | None = None
+    adm_in_channels: int | None = None
 
     def __post_init__(self) -> None:
         self.channel_mult = tuple(int(m) for m in self.channel_mult)
+        if isinstance(self.transformer_depth, (list, tuple)):
+            depths = tuple(int(d) for d in self.transformer_depth)
+            self.transformer_depth = depths[0] if len(set(depths)) == 1 else depths
         if self.disable_self_attentions is not None:
             self.disable_self_attentions = tuple(bool(flag) for flag in self.disable_self_attentions)
         # A set of factors; kept in the CompVis YAML order (4, 2, 1) so equal configs compare equal.
@@ -118,6 +135,17 @@ class UNetConfig:
         """Whether the blocks at ``level`` carry a SpatialTransformer."""
         return 2**level in self.attention_resolutions
 
+    def depth_at(self, level: int) -> int:
+        """BasicTransformerBlocks per SpatialTransformer at ``level``."""
+        if isinstance(self.transformer_depth, tuple):
+            return self.transformer_depth[level]
+        return self.transformer_depth
+
+    @property
+    def middle_depth(self) -> int:
+        """BasicTransformerBlocks in the middle block's SpatialTransformer (the last level's)."""
+        return self.depth_at(self.num_levels - 1)
+
     def only_cross_attention(self, level: int) -> bool:
         """Whether the transformers at ``level`` replace self-attention by a second cross-attention."""
         return bool(self.disable_self_attentions) and self.disable_self_attentions[level]
@@ -135,11 +163,13 @@ class UNetConfig:
         d = dataclasses.asdict(self)
         d["channel_mult"] = list(self.channel_mult)
         d["attention_resolutions"] = list(self.attention_resolutions)
-        for optional in ("num_classes", "disable_self_attentions"):  # absent from configs that do not use them
+        for optional in ("num_classes", "disable_self_attentions", "adm_in_channels"):  # absent when unused
             if d[optional] is None:
                 del d[optional]
         if self.disable_self_attentions is not None:
             d["disable_self_attentions"] = list(self.disable_self_attentions)
+        if isinstance(self.transformer_depth, tuple):
+            d["transformer_depth"] = list(self.transformer_depth)
         return d
 
     @classmethod
@@ -151,13 +181,23 @@ class UNetConfig:
         if self.num_head_channels <= 0 and self.num_heads <= 0:
             raise ValueError("set num_heads > 0 or num_head_channels > 0")
         for name in ("in_channels", "out_channels", "model_channels", "num_res_blocks",
-                     "context_dim", "transformer_depth", "norm_groups"):
+                     "context_dim", "norm_groups"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not self.channel_mult:
             raise ValueError("channel_mult must name at least one level")
+        if isinstance(self.transformer_depth, tuple) and len(self.transformer_depth) != self.num_levels:
+            raise ValueError(f"transformer_depth needs one depth per level ({self.num_levels}), "
+                             f"got {list(self.transformer_depth)}")
+        used = [level for level in range(self.num_levels) if self.has_attention(level)] + [self.num_levels - 1]
+        if any(self.depth_at(level) <= 0 for level in used):  # levels without attention may say 0
+            raise ValueError(f"transformer_depth must be positive where attention sits, got {self.transformer_depth}")
         if self.num_classes is not None and self.num_classes <= 0:
             raise ValueError(f"num_classes must be positive or null, got {self.num_classes}")
+        if self.adm_in_channels is not None and self.adm_in_channels <= 0:
+            raise ValueError(f"adm_in_channels must be positive or null, got {self.adm_in_channels}")
+        if self.num_classes is not None and self.adm_in_channels is not None:
+            raise ValueError("num_classes and adm_in_channels are two kinds of label embedding; set one")
         if self.disable_self_attentions is not None and len(self.disable_self_attentions) != self.num_levels:
             raise ValueError(f"disable_self_attentions needs one flag per level ({self.num_levels}), "
                              f"got {len(self.disable_self_attentions)}")
@@ -445,6 +485,10 @@ class UNetModel(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         if config.num_classes is not None:
             self.label_emb = nn.Embedding(config.num_classes, emb_dim)
+        if config.adm_in_channels is not None:  # CompVis num_classes: "sequential"
+            self.label_emb = nn.Sequential(nn.Sequential(
+                nn.Linear(config.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+            ))
 
         self.input_blocks = nn.ModuleList(
             [TimestepEmbedSequential(nn.Conv2d(config.in_channels, base, 3, padding=1))]
@@ -463,7 +507,7 @@ class UNetModel(nn.Module):
 
         self.middle_block = TimestepEmbedSequential(
             ResBlock(channels, emb_dim, channels, config.norm_groups),
-            self._transformer(channels, only_cross_attention=False),  # CompVis disable_middle_self_attn: False
+            self._transformer(channels, config.middle_depth, only_cross_attention=False),  # disable_middle_self_attn: False
             ResBlock(channels, emb_dim, channels, config.norm_groups),
         )
 
@@ -484,10 +528,10 @@ class UNetModel(nn.Module):
             _zero(nn.Conv2d(channels, config.out_channels, 3, padding=1)),
         )
 
-    def _transformer(self, channels: int, *, only_cross_attention: bool) -> SpatialTransformer:
+    def _transformer(self, channels: int, depth: int, *, only_cross_attention: bool) -> SpatialTransformer:
         cfg = self.config
         num_heads, head_dim = cfg.heads_for(channels)
-        return SpatialTransformer(channels, num_heads, head_dim, cfg.transformer_depth, cfg.context_dim,
+        return SpatialTransformer(channels, num_heads, head_dim, depth, cfg.context_dim,
                                   cfg.use_linear_in_transformer, cfg.upcast_attention, cfg.norm_groups,
                                   only_cross_attention)
 
@@ -496,7 +540,8 @@ class UNetModel(nn.Module):
             ResBlock(in_channels, self.config.time_embed_dim, out_channels, self.config.norm_groups)
         ]
         if self.config.has_attention(level):
-            layers.append(self._transformer(out_channels, only_cross_attention=self.config.only_cross_attention(level)))
+            layers.append(self._transformer(out_channels, self.config.depth_at(level),
+                                            only_cross_attention=self.config.only_cross_attention(level)))
         return layers
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
@@ -505,7 +550,8 @@ class UNetModel(nn.Module):
             if isinstance(module, _Checkpointable):
                 module.gradient_checkpointing = enabled
 
-    def forward(self, x: Tensor, t: Tensor, context: Tensor, class_labels: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, context: Tensor, class_labels: Tensor | None = None,
+                y: Tensor | None = None) -> Tensor:
         """Predict noise (or v) for noisy latents.
 
         Args:
@@ -514,6 +560,8 @@ class UNetModel(nn.Module):
             context: ``[B, L, context_dim]`` cross-attention tokens.
             class_labels: ``[B]`` (or scalar) integer labels in ``[0, num_classes)``; required exactly when
                 the config has ``num_classes`` (the x4 upscaler's noise level).
+            y: ``[B, adm_in_channels]`` conditioning vector; required exactly when the config has
+                ``adm_in_channels`` (SDXL: see :mod:`ldm.models.sdxl_conditioning`).
 
         Returns:
             ``[B, out_channels, H, W]``.
@@ -526,7 +574,7 @@ class UNetModel(nn.Module):
             t = t.expand(x.shape[0])
         weight_dtype = self.time_embed[0].weight.dtype
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(weight_dtype))
-        emb = emb + self._label_embedding(class_labels, x)
+        emb = emb + self._label_embedding(class_labels, x) + self._vector_embedding(y, weight_dtype)
 
         h = x
         skips = []
@@ -547,6 +595,17 @@ class UNetModel(nn.Module):
             return 0.0
         labels = torch.as_tensor(class_labels, device=x.device).long()
         return self.label_emb(labels.expand(x.shape[0]) if labels.ndim == 0 else labels)
+
+    def _vector_embedding(self, y: Tensor | None, dtype: torch.dtype) -> Tensor | float:
+        """``label_emb(y) [B, time_embed_dim]`` for a conditioning vector ``y [B, adm_in_channels]`` (0 without)."""
+        if (y is None) != (self.config.adm_in_channels is None):
+            raise ValueError("y must be given exactly when the U-Net has adm_in_channels "
+                             f"(adm_in_channels={self.config.adm_in_channels})")
+        if y is None:
+            return 0.0
+        if y.shape[-1] != self.config.adm_in_channels:
+            raise ValueError(f"y has {y.shape[-1]} features, the U-Net expects {self.config.adm_in_channels}")
+        return self.label_emb(y.to(dtype))
 
 
 __all__ = [
