@@ -13,6 +13,7 @@ differently: ``"squaredcos_cap_v2"`` is our ``"cosine"``, ``"epsilon"`` / ``"v_p
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -466,13 +467,20 @@ def scheduler_json(config: PipelineConfig) -> dict[str, Any]:
     if config.schedule.rescale_betas_zero_snr and sampler in NO_ZERO_SNR_SUPPORT:
         raise ConfigError(f"diffusers' {SCHEDULER_CLASSES[sampler]} has no zero-terminal-SNR option; "
                           f"set sampling.sampler to another sampler before saving in diffusers format")
+    class_name = SCHEDULER_CLASSES[sampler]
+    # DDIM's and PNDM's switches, kept in every config whose class or compatible classes read them (users swap
+    # schedulers with SomeScheduler.from_config(pipe.scheduler.config)); LCMScheduler, which has no compatible
+    # classes, gets only those it takes (it warns about any other key).
+    readers = [getattr(diffusers, name) for name in [class_name, *getattr(diffusers, class_name)._compatibles]
+               if hasattr(diffusers, name)]
+    accepted = {key for reader in readers for key in inspect.signature(reader.__init__).parameters}
+    switches = {key: value for key, value in (("clip_sample", False), ("set_alpha_to_one", False),
+                                              ("skip_prk_steps", True)) if key in accepted}
     values = {
-        "_class_name": SCHEDULER_CLASSES[sampler],
+        "_class_name": class_name,
         "_diffusers_version": diffusers.__version__,
         **schedule_config_to_diffusers(config.schedule),
-        "clip_sample": False,
-        "set_alpha_to_one": False,
-        "skip_prk_steps": True,
+        **switches,
         **dict(SAMPLER_INFO[sampler].diffusers_options),
     }
     if config.sampling.karras:
