@@ -9,7 +9,7 @@ with the scene's caption, the model's steps, at ``--noise-levels``), and each re
 same scene rendered directly at 256x256:
 
 * PSNR (dB) against the 256x256 render;
-* edge sharpness: on the truth's edges (pixels whose Sobel gradient magnitude is at least half the truth's
+* edge sharpness (scenes whose render has edges at all): on the truth's edges (pixels whose Sobel gradient magnitude is at least half the truth's
   largest; flat-colour renders have edges on 2-3% of their pixels),
   the mean gradient magnitude of the image divided by the truth's (1.0 = edges as steep as the truth's
   where the truth has them; interpolation spreads an edge over more pixels, < 1).
@@ -31,6 +31,7 @@ from PIL import Image
 from ldm.cli import OneLineErrorParser
 
 EVAL_SEED = 7_777  # a procedural stream no training run uses
+MIN_EDGE = 0.05  # Sobel magnitude (luminance 0..1) below which a render counts as having no edges
 
 
 def psnr(image: Image.Image, truth: Image.Image) -> float:
@@ -48,10 +49,13 @@ def sobel_magnitude(image: Image.Image) -> np.ndarray:
 
 
 def edge_sharpness(image: Image.Image, truth: Image.Image) -> float:
-    """Mean gradient magnitude of ``image`` on the truth's strong edges, over the truth's there."""
+    """Mean gradient magnitude of ``image`` on the truth's strong edges, over the truth's there; None for a
+    truth without edges (an object whose colour is its background's, up to jitter)."""
     truth_gradient = sobel_magnitude(truth)
+    if truth_gradient.max() < MIN_EDGE:
+        return None
     edges = truth_gradient >= 0.5 * truth_gradient.max()
-    return float(sobel_magnitude(image)[edges].mean() / max(truth_gradient[edges].mean(), 1e-12))
+    return float(sobel_magnitude(image)[edges].mean() / truth_gradient[edges].mean())
 
 
 def main(argv=None) -> int:
@@ -94,7 +98,8 @@ def main(argv=None) -> int:
                       results[f"upscaler, noise {levels[-1]}"], truth]
         logging.info("scene %d/%d", i + 1, args.n)
     summary = {name: {"psnr_db": float(np.mean([p for p, _ in values])),
-                      "edge_sharpness": float(np.mean([s for _, s in values]))} for name, values in methods.items()}
+                      "edge_sharpness": float(np.mean([s for _, s in values if s is not None]))}
+               for name, values in methods.items()}
     lines = [f"{args.n} scenes, 64x64 render -> {64 * factor}x{64 * factor}, against the scene rendered at that size",
              "", "| method | PSNR (dB) | edge sharpness (1 = truth) |", "| --- | ---: | ---: |"]
     lines += [f"| {name} | {row['psnr_db']:.2f} | {row['edge_sharpness']:.3f} |" for name, row in summary.items()]
