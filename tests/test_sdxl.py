@@ -23,6 +23,7 @@ from ldm.formats import text_keys
 from ldm.models.text_encoders import SDXLTextEncoder, TextEncoderConfig, repadded
 from ldm.models.tokenizer import ClipTokenizer
 from ldm.models.unet import UNetConfig, UNetModel
+from tests.test_unet import _randomize  # non-zero random weights everywhere
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -47,23 +48,6 @@ POOLED = 16  # the tiny pooled text embedding
 TINY_XL = UNetConfig(model_channels=32, channel_mult=(1, 2, 4), num_res_blocks=1, attention_resolutions=(2, 4),
                      num_heads=-1, num_head_channels=8, context_dim=24, transformer_depth=(1, 2, 3),
                      use_linear_in_transformer=True, norm_groups=8, adm_in_channels=POOLED + 6 * 256)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models: one intra-op thread avoids oversubscription on a busy 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def _randomize(model: torch.nn.Module, seed: int = 0) -> None:
-    """Non-zero random weights everywhere (the zero-initialised convs would hide mistakes)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
 
 
 # ---------------------------------------------------------------------------------------------
