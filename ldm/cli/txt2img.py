@@ -468,7 +468,7 @@ def generate(args: argparse.Namespace, prompts: list[str]) -> int:
                              seed_resize_from=options.seed_resize_from,
                              clip_skip=options.clip_skip, subseed=subseed_of(args, seed),
                              subseed_strength=args.subseed_strength,
-                             progress=lambda done, total: advance(bar, done, total),
+                             progress=lambda done, total: advance(bar, done, total + upscale_steps * count),
                              batch_invariant=args.batch_size == 1, vae_tiling=args.vae_tiling,
                              **stages.call_options(args), **image_inputs)
                 batch = stages.upscale(batch, prompt, args.negative_prompt, seed, args,
