@@ -19,7 +19,6 @@ Writes ``upscaler_eval.md`` / ``.json`` and a comparison strip (64 -> bicubic ->
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
