@@ -182,6 +182,12 @@ def test_config_from_diffusers_rejects_unsupported_features():
                          ids=["sd1", "sd2", "x4-upscaler"])
 def test_full_layout_keys_map_one_to_one(params, expected_count):
     config = unet_config_from_compvis(params)
+    assert sum(check_full_layout_maps_one_to_one(config).values()) == expected_count
+
+
+def check_full_layout_maps_one_to_one(config: UNetConfig) -> dict[str, int]:
+    """Build ``config`` on the meta device, ours and diffusers'; assert the key maps carry every name and shape
+    across both ways and diffusers' config reads back; return our parameter counts by name."""
     with torch.device("meta"):
         ours = UNetModel(config)
         theirs = diffusers.UNet2DConditionModel(**diffusers_config(config))
@@ -191,8 +197,9 @@ def test_full_layout_keys_map_one_to_one(params, expected_count):
     assert {k: v.shape for k, v in to_diffusers(ours.state_dict(), config).items()} == theirs_shapes
     assert {k: v.shape for k, v in from_diffusers(theirs.state_dict(), config).items()} == ours_shapes
     assert len(ours_shapes) == len(theirs_shapes)
-    assert sum(p.numel() for p in ours.parameters()) == expected_count
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
     assert config_from_diffusers(dict(theirs.config)) == config
+    return {name: p.numel() for name, p in ours.named_parameters()}
 
 
 def test_full_sd1_original_checkpoint_names():
