@@ -95,12 +95,12 @@ def accuracy_by_noise(model: NoisyLatentClassifier, pool, alphas_cumprod, timest
     return result
 
 
-def train_classifier(pipe, recipe: ClassifierRecipe, run_dir: Path, config: ClassifierConfig | None = None
-                     ) -> tuple[NoisyLatentClassifier, float]:
-    """Train (or resume) in ``run_dir``; returns the classifier (eval mode) and the training seconds."""
+def train_classifier(pipe, recipe: ClassifierRecipe, run_dir: Path, pool: dict[str, torch.Tensor],
+                     config: ClassifierConfig | None = None) -> tuple[NoisyLatentClassifier, float]:
+    """Train (or resume) in ``run_dir`` on ``pool`` (:func:`encode_pool`); returns the classifier (eval mode)
+    and the training seconds."""
     config = config or ClassifierConfig(in_channels=pipe.config.vae.latent_channels, heads=HEADS,
                                         num_train_timesteps=pipe.schedule.num_train_timesteps)
-    pool = encode_pool(pipe, recipe, run_dir / "latents.pt")
     alphas_cumprod = pipe.schedule.alphas_cumprod
     torch.manual_seed(recipe.seed)
     model = NoisyLatentClassifier(config)

@@ -38,8 +38,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     recipe = ClassifierRecipe(**{item.name: getattr(args, item.name) for item in fields(ClassifierRecipe)})
     pipe = Txt2ImgPipeline.from_pretrained(args.model)
-    model, seconds = train_classifier(pipe, recipe, args.run_dir)
     pool = encode_pool(pipe, recipe, args.run_dir / "latents.pt")
+    model, seconds = train_classifier(pipe, recipe, args.run_dir, pool)
     accuracy = accuracy_by_noise(model, pool, pipe.schedule.alphas_cumprod)
     for step, heads in accuracy.items():
         logging.info("t = %3d: %s", step, ", ".join(f"{name} {value:.1%}" for name, value in heads.items()))
