@@ -49,6 +49,7 @@ from ldm.models.builder import build_components, fill_derived_buffers
 from ldm.models.prompt_encoding import ContextSchedule, encode_prompts, schedule_contexts
 from ldm.models.sdxl_conditioning import MicroConditioning, conditioning_vector, micro_conditioning_count
 from ldm.prompt_syntax import prompt_schedule
+from ldm.refiner import DEFAULT_SWITCH, RefinerHandover, check_compatible, check_switch, steps_before_switch
 from ldm.models.unet import UNetModel
 from ldm.upscaling import LowResAugmentation, LowResCondition, check_noise_level
 from ldm.sampling.classifier_guidance import ClassifierGuidance, classifier_guided
@@ -381,6 +382,8 @@ class Txt2ImgPipeline:
         original_size: tuple[int, int] | None = None,
         crop_top_left: tuple[int, int] = (0, 0),
         target_size: tuple[int, int] | None = None,
+        refiner: "Txt2ImgPipeline | None" = None,
+        refiner_switch: float | None = None,
     ) -> list[Image.Image] | torch.Tensor:
         """Generate images from text (txt2img), from text and an image (img2img), or repaint a masked region.
 
@@ -450,6 +453,11 @@ class Txt2ImgPipeline:
             original_size, crop_top_left, target_size: SDXL models only: the micro-conditioning in pixels,
                 ``(height, width)``, ``(top, left)``, ``(height, width)``; sizes default to the output size
                 (diffusers' defaults; :class:`ldm.models.sdxl_conditioning.MicroConditioning`).
+            refiner, refiner_switch: SDXL's ensemble of experts (:mod:`ldm.refiner`): this model runs the chain
+                until ``refiner_switch`` (default 0.8) of the training schedule, then the ``refiner`` pipeline
+                (same latents and noise levels) runs the rest from that point and decodes, as diffusers'
+                ``denoising_end`` / ``denoising_start`` and AUTOMATIC1111's "Refiner switch at". Text-to-image
+                and img2img (not with a mask or the hires fix).
 
         Raises:
             ArgumentError / ConfigError / ImageInputError (all ``ValueError``): an argument of the wrong
@@ -482,6 +490,8 @@ class Txt2ImgPipeline:
             image, mask_image = image.crop(region), full_mask.crop(region)
         condition = self.image_condition(image, mask_image, strength, options)
         hires = self.hires_options(hires_scale, hires_strength, hires_upscaler, hires_steps, options, condition)
+        handover = self.refiner_handover(refiner, refiner_switch, condition, hires)
+        decoder = self if handover is None else handover.pipe  # diffusers decodes with the refiner's VAE
         prompts, negatives = _expand_prompts(prompt, negative_prompt, num_images)
         seeds = [seed + i for i in range(len(prompts))]
         steps_run = options.steps - (steps_to_skip(options.steps, condition.strength) if condition else 0)
@@ -499,7 +509,7 @@ class Txt2ImgPipeline:
             variation = None if subseed is None else Variation(
                 tuple(subseed + s - seed for s in batch[2]), subseed_strength)  # image i: subseed + i
             z = self._generate(*batch, options, report, condition, variation, preview=preview, interrupt=interrupt,
-                               **classifier, **micro)
+                               refiner=handover, **classifier, **micro)
             if hires is not None and not (interrupt is not None and interrupt()):
                 first_pass = options.steps
                 report = (lambda done, d=done_before: progress(d + first_pass + done, total_steps)) if progress else None
@@ -507,7 +517,7 @@ class Txt2ImgPipeline:
                                                                               hires_strength, vae_tiling), variation,
                                    preview=preview, interrupt=interrupt, hires_base_steps=options.steps, **classifier,
                                    **micro)
-            images.append(self.decode(z, tiled=vae_tiling))
+            images.append(decoder.decode(z, tiled=vae_tiling))
             if interrupt is not None and interrupt():
                 break
         images = torch.cat(images)
@@ -598,6 +608,25 @@ class Txt2ImgPipeline:
             return {"micro": MicroConditioning(original_size, crop_top_left, target_size)}
         except ValueError as error:
             raise ArgumentError(str(error)) from None
+
+    def refiner_handover(self, refiner, switch, condition: ImageCondition | None,
+                         hires: SamplingDefaults | None) -> RefinerHandover | None:
+        """The checked refiner of a call and its switch (default :data:`ldm.refiner.DEFAULT_SWITCH`), or ``None``."""
+        if refiner is None:
+            if switch is not None:
+                raise ArgumentError("refiner_switch needs a refiner")
+            return None
+        if not isinstance(refiner, Txt2ImgPipeline):
+            raise ArgumentError(f"refiner must be a Txt2ImgPipeline, got {_describe(refiner)}")
+        switch = check_switch(DEFAULT_SWITCH if switch is None else switch)
+        if condition is not None and condition.mask is not None:
+            raise ArgumentError("a refiner does not work with inpainting here yet (run it on the result as img2img)")
+        if hires is not None:
+            raise ArgumentError("a refiner does not work with the hires fix here yet")
+        check_compatible(self.config, self.schedule, refiner.config, refiner.schedule)
+        if refiner.device != self.device:
+            raise ArgumentError(f"the refiner is on {refiner.device}, the model on {self.device}: move both to one device")
+        return RefinerHandover(refiner, switch)
 
     def classifier_options(self, guidance: ClassifierGuidance | None, scale) -> dict:
         """The ``_generate`` keywords of classifier guidance, checked (``{}`` when it is off)."""
@@ -698,22 +727,13 @@ class Txt2ImgPipeline:
                   variation: Variation | None = None, *, preview: PreviewFn | None = None,
                   interrupt: InterruptFn | None = None, low_res: LowResCondition | None = None,
                   hires_base_steps: int | None = None, classifier_guidance: ClassifierGuidance | None = None,
-                  classifier_scale: float = 0.0, micro: MicroConditioning | None = None) -> torch.Tensor:
+                  classifier_scale: float = 0.0, micro: MicroConditioning | None = None,
+                  refiner: RefinerHandover | None = None) -> torch.Tensor:
         """Algorithm 2 for one batch: final latents ``z [B, C, h, w]`` (float32, diffusers' scale); when
         ``interrupt()`` turns True after a step, the denoised estimate of that step instead.
         ``hires_base_steps``: this is a hires fix's second pass after that many steps (prompt editing).
-        ``micro``: SDXL's micro-conditioning (SDXL models only)."""
-        # Classifier-free guidance (Ho & Salimans 2022): one batched U-Net call on [uncond, cond].
-        # Prompts and negative prompts encoded together: padded to the same number of chunks, as AUTOMATIC1111 does.
-        guided = options.guidance_scale != 1
-        vectors = None
-        if self.config.is_sdxl:
-            context, uncond_context, vectors = self.sdxl_conditioning(prompts, negatives if guided else None,
-                                                                      options, micro or MicroConditioning())
-        else:
-            context, uncond_context = self.conditioning(prompts, negatives if guided else None, options,
-                                                        hires_base_steps=hires_base_steps)
-        spec = SAMPLERS[options.sampler]
+        ``micro``: SDXL's micro-conditioning (SDXL models only). ``refiner``: this model runs the chain up to
+        the switch, the refiner the rest, with the same generators (:mod:`ldm.refiner`)."""
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         sigmas = self.schedule.sampling_sigmas(options.steps, sampler=options.sampler, schedule=options.schedule)
         if low_res is not None:
@@ -723,14 +743,6 @@ class Txt2ImgPipeline:
         else:
             sigmas = sigmas[steps_to_skip(options.steps, condition.strength):]
             x, model, put_back = self.image_start(condition, generators, sigmas, options, variation)
-        if vectors is not None:  # SDXL: the U-Net's vector rides along with the context (rows [uncond; cond])
-            model = functools.partial(model, y=vectors)
-        denoiser = DiscreteDenoiser(model, self.schedule, self.config.schedule.prediction,
-                                    round_timesteps=options.schedule == "karras" and spec.diffusers_rounds_karras_timesteps)
-        denoise = cfg_denoiser(denoiser, context, uncond_context, options.guidance_scale)
-        if classifier_guidance is not None:  # Dhariwal & Nichol 2021, on top of classifier-free guidance
-            denoise = classifier_guided(denoise, classifier_guidance.log_prob_fn(self.device), self.schedule,
-                                        classifier_scale)
 
         def after_step(i: int, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor | None:
             if progress is not None:
@@ -741,13 +753,49 @@ class Txt2ImgPipeline:
                 raise _Interrupted(x0)
             return put_back(i, x) if put_back is not None else None
 
-        sampler_options = {"eta": options.eta} if "eta" in spec.options else {}
+        parts = [(self, model, sigmas)]  # (pipeline, its U-Net function, its part of the chain)
+        if refiner is not None:
+            switch = steps_before_switch(self.schedule, sigmas, refiner.switch)
+            parts = [(self, model, sigmas[:switch + 1]), (refiner.pipe, refiner.pipe.unet_prediction, sigmas[switch:])]
+        conditioning = dict(hires_base_steps=hires_base_steps, classifier_guidance=classifier_guidance,
+                            classifier_scale=classifier_scale, micro=micro)
+        steps_done = 0
         try:
-            x = spec.fn(denoise, x, sigmas, generator=generators, callback=after_step, **sampler_options)
+            for pipe, part_model, part_sigmas in parts:
+                if len(part_sigmas) > 1:
+                    x = pipe._denoise(prompts, negatives, options, part_model, x, part_sigmas, generators,
+                                      lambda i, x, x0, before=steps_done: after_step(before + i, x, x0), **conditioning)
+                steps_done += len(part_sigmas) - 1
         except _Interrupted as stop:
             return stop.x0.float()
-
         return final_latents(x, sigmas, sampler=options.sampler)
+
+    def _denoise(self, prompts: list[str], negatives: list[str], options, model: Callable, x: torch.Tensor,
+                 sigmas: torch.Tensor, generators: list[torch.Generator], callback: Callable, *,
+                 hires_base_steps: int | None = None, classifier_guidance: ClassifierGuidance | None = None,
+                 classifier_scale: float = 0.0, micro: MicroConditioning | None = None) -> torch.Tensor:
+        """Run the sampler with this model's guided denoiser over the chain ``sigmas [n + 1]`` from ``x [B, C, h, w]``
+        at ``sigmas[0]``; returns ``x`` at ``sigmas[-1]`` (sigma scale). ``model(x, t, context, y=None)`` is the
+        U-Net function of the starting point (:meth:`image_start` adds the inpainting channels)."""
+        # Classifier-free guidance (Ho & Salimans 2022): one batched U-Net call on [uncond, cond].
+        # Prompts and negative prompts encoded together: padded to the same number of chunks, as AUTOMATIC1111 does.
+        guided = options.guidance_scale != 1
+        if self.config.is_sdxl:
+            context, uncond_context, vectors = self.sdxl_conditioning(prompts, negatives if guided else None,
+                                                                      options, micro or MicroConditioning())
+            model = functools.partial(model, y=vectors)  # the U-Net's vector rides along with the context
+        else:
+            context, uncond_context = self.conditioning(prompts, negatives if guided else None, options,
+                                                        hires_base_steps=hires_base_steps)
+        spec = SAMPLERS[options.sampler]
+        denoiser = DiscreteDenoiser(model, self.schedule, self.config.schedule.prediction,
+                                    round_timesteps=options.schedule == "karras" and spec.diffusers_rounds_karras_timesteps)
+        denoise = cfg_denoiser(denoiser, context, uncond_context, options.guidance_scale)
+        if classifier_guidance is not None:  # Dhariwal & Nichol 2021, on top of classifier-free guidance
+            denoise = classifier_guided(denoise, classifier_guidance.log_prob_fn(self.device), self.schedule,
+                                        classifier_scale)
+        sampler_options = {"eta": options.eta} if "eta" in spec.options else {}
+        return spec.fn(denoise, x, sigmas, generator=generators, callback=callback, **sampler_options)
 
     def image_start(self, condition: ImageCondition, generators: list[torch.Generator], sigmas: torch.Tensor,
                     options, variation: Variation | None = None) -> tuple[torch.Tensor, Callable, Callable | None]:

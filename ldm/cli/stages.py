@@ -7,11 +7,14 @@ seeds and files.
   given, ``--base-only`` skips it. ``--upscale-steps`` and ``--upscale-noise-level`` tune it.
 * ``--classifier-scale S --class "red bicycle"`` guides the base model with a noise-aware classifier
   (``--classifier PATH``; default: the default model's ``ldm/toy/default_classifier``).
+* ``--refiner PATH --refiner-switch 0.8`` hands the base model's chain to an SDXL refiner at that fraction of
+  the schedule (:mod:`ldm.refiner`), written as AUTOMATIC1111's ``Refiner`` / ``Refiner switch at``.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +41,13 @@ def add_stage_arguments(parser: argparse.ArgumentParser) -> None:
                        help='the class classifier guidance draws, e.g. "red bicycle", "star" or "blue"')
     group.add_argument("--classifier", type=Path, metavar="PATH",
                        help="noise-aware classifier folder (default: the default model's)")
+    refiner = parser.add_argument_group("SDXL refiner (ensemble of experts)")
+    refiner.add_argument("--refiner", type=Path, metavar="PATH",
+                         help="a refiner model (e.g. sd_xl_refiner_1.0.safetensors, or a diffusers folder) that "
+                         "takes over the base model's sampling chain at --refiner-switch and decodes the image")
+    refiner.add_argument("--refiner-switch", type=finite_float, metavar="FRACTION",
+                         help="the fraction of the noise schedule the base model denoises before the refiner "
+                         "takes over, in (0, 1) (default 0.8)")
 
 
 def check_stage_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -56,6 +66,36 @@ def check_stage_arguments(parser: argparse.ArgumentParser, args: argparse.Namesp
     if args.classifier_scale and args.classifier is None and args.model is not None:
         parser.error("--classifier-scale with --model needs --classifier (the default classifier reads the "
                      "default model's latents only)")
+    if args.refiner is not None and not args.refiner.exists():
+        parser.error(f"--refiner {args.refiner} does not exist")
+    if args.refiner_switch is not None:
+        if args.refiner is None:
+            parser.error("--refiner-switch needs --refiner (the model that takes over)")
+        if not 0 < args.refiner_switch < 1:
+            parser.error(f"--refiner-switch must be between 0 and 1 (exclusive), got {args.refiner_switch:g}")
+
+
+def refiner_from_png(parser: argparse.ArgumentParser, args: argparse.Namespace, fields: dict[str, str]) -> None:
+    """--from-png of an image made with a refiner: its switch (unless given), and its refiner unless --refiner
+    names one: the recorded name (AUTOMATIC1111's "name [hash]" too) found in the current folder or beside
+    --model, else a one-line error (without the refiner the image would differ)."""
+    if "Refiner" not in fields:
+        return
+    if args.refiner_switch is None and "Refiner switch at" in fields:
+        try:
+            args.refiner_switch = finite_float(fields["Refiner switch at"])
+        except argparse.ArgumentTypeError:
+            parser.error(f"--from-png {args.from_png}: cannot read Refiner switch at: {fields['Refiner switch at']!r}")
+    if args.refiner is not None:
+        return
+    name = re.sub(r"\s*\[[0-9a-fA-F]+\]$", "", fields["Refiner"])  # the web UI's short hash
+    folders = [Path.cwd()] + ([Path(args.model).expanduser().parent] if args.model else [])
+    candidates = [folder / (name + suffix) for folder in folders for suffix in ("", ".safetensors", ".ckpt")]
+    found = next((path for path in candidates if path.exists()), None)
+    if found is None:
+        parser.error(f"--from-png {args.from_png} was made with the refiner {name!r}, not found here or beside "
+                     "--model: give its path with --refiner")
+    args.refiner = found
 
 
 @dataclass
@@ -65,12 +105,17 @@ class Stages:
     upscaler: object | None = None
     upscaler_name: str = ""
     classifier_guidance: object | None = None
+    refiner: object | None = None
+    refiner_switch: float | None = None
 
     def call_options(self, args: argparse.Namespace) -> dict:
         """Keywords for the base pipeline's call."""
-        if self.classifier_guidance is None:
-            return {}
-        return {"classifier_guidance": self.classifier_guidance, "classifier_scale": args.classifier_scale}
+        options = {}
+        if self.classifier_guidance is not None:
+            options |= {"classifier_guidance": self.classifier_guidance, "classifier_scale": args.classifier_scale}
+        if self.refiner is not None:
+            options |= {"refiner": self.refiner, "refiner_switch": self.refiner_switch}
+        return options
 
     def upscale(self, images, prompt: str, negative_prompt: str, seed: int, args: argparse.Namespace, progress):
         """The base images enlarged by the super-resolution stage (image k with seed ``seed + k``)."""
@@ -94,6 +139,9 @@ class Stages:
                                                for side in (width, height))
         if self.classifier_guidance is not None:
             fields["Classifier guidance"] = f"{args.target_class} x {args.classifier_scale:g}"
+        if self.refiner is not None:  # the web UI's names for them (its Refiner is "name [hash]")
+            fields["Refiner"] = Path(args.refiner).name
+            fields["Refiner switch at"] = f"{self.refiner_switch:g}"
         return fields
 
 
@@ -103,6 +151,7 @@ def load_stages(args: argparse.Namespace, device, dtype) -> Stages:
     from ldm.errors import ArgumentError
     from ldm.formats.classifier import load_classifier
     from ldm.pipeline import Txt2ImgPipeline
+    from ldm.refiner import DEFAULT_SWITCH
     from ldm.sampling.classifier_guidance import ClassifierGuidance
 
     stages = Stages()
@@ -120,8 +169,11 @@ def load_stages(args: argparse.Namespace, device, dtype) -> Stages:
     if args.classifier_scale:
         classifier = load_classifier(args.classifier or DEFAULT_CLASSIFIER)
         stages.classifier_guidance = ClassifierGuidance(classifier, args.target_class)
+    if args.refiner is not None:
+        stages.refiner = Txt2ImgPipeline.from_pretrained(args.refiner, device=device, dtype=dtype)
+        stages.refiner_switch = DEFAULT_SWITCH if args.refiner_switch is None else args.refiner_switch
     return stages
 
 
-__all__ = ["add_stage_arguments", "check_stage_arguments", "load_stages", "Stages", "DEFAULT_UPSCALER",
-           "DEFAULT_CLASSIFIER"]
+__all__ = ["add_stage_arguments", "check_stage_arguments", "load_stages", "refiner_from_png", "Stages",
+           "DEFAULT_UPSCALER", "DEFAULT_CLASSIFIER"]

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from ldm.cli import OneLineErrorParser, finite_float, run_reporting_errors, sampler_name
-from ldm.cli.stages import add_stage_arguments, check_stage_arguments, load_stages
+from ldm.cli.stages import add_stage_arguments, check_stage_arguments, load_stages, refiner_from_png
 from ldm.hardware import DTYPE_NAMES
 from ldm.sampling.registry import AUTOMATIC, SAMPLER_NAMES, SCHEDULE_NAMES, resolve_schedule_name
 
@@ -55,7 +55,8 @@ def build_parser(mode: str = "txt2img") -> argparse.ArgumentParser:
     parser.add_argument("--model", help="model folder (ours or diffusers), original single-file checkpoint "
                         "(.safetensors/.ckpt) or hub id; default: the shipped model")
     parser.add_argument("--config", type=Path, help="single-file --model: CompVis YAML (e.g. "
-                        "configs/sd-v2-inference-v.yaml) or this package's config.yaml")
+                        "configs/sd-v2-inference-v.yaml), Stability's SDXL YAML (sd_xl_base.yaml) or this "
+                        "package's config.yaml")
     parser.add_argument("--prediction", choices=("eps", "v"),
                         help="single-file --model: the U-Net predicts noise (eps) or velocity (v: SD 2.x 768-v)")
     parser.add_argument("--vae", type=Path, help="single-file --model: use this VAE file instead of the checkpoint's")
@@ -122,7 +123,8 @@ def build_parser(mode: str = "txt2img") -> argparse.ArgumentParser:
         add_stage_arguments(parser)
         parser.add_argument("--from-png", type=Path, metavar="FILE",
                             help="take prompt, negative prompt, steps, sampler, schedule, CFG scale, seed, size, clip "
-                            "skip and hires fix from a PNG's AUTOMATIC1111 parameters (flags given here win)")
+                            "skip, hires fix and refiner from a PNG's AUTOMATIC1111 parameters (flags given here win; "
+                            "the refiner is looked for by its recorded name here and beside --model)")
     if mode == "img2img":
         parser.add_argument("--init-img", type=Path, required=True, help="the image to start from")
         parser.add_argument("--strength", type=finite_float, default=0.75,
@@ -306,6 +308,7 @@ def apply_png_parameters(parser: argparse.ArgumentParser, args: argparse.Namespa
         fill(option, key, convert)
     if "Hires upscale" in fields:
         fill("hires_strength", "Denoising strength", finite_float)
+    refiner_from_png(parser, args, fields)
 
 
 def read_prompts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:

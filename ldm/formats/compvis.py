@@ -58,6 +58,7 @@ __all__ = [
     "schedule_config_from_compvis",
     "unet_config_from_compvis",
     "vae_config_from_compvis",
+    "vae_config_from_first_stage",
 ]
 
 _CLIP_EMBEDDER = "FrozenCLIPEmbedder"
@@ -234,6 +235,16 @@ def vae_config_from_compvis(
     )
 
 
+def vae_config_from_first_stage(params: Mapping[str, Any], scaling_factor: float) -> AutoencoderConfig:
+    """Read ``first_stage_config.params`` (``ddconfig``, ``embed_dim``) of a CompVis or sgm YAML; the xformers
+    attention kernel (``attn_type: vanilla-xformers``) is the same maths as ``vanilla``. ``ValueError`` as
+    :func:`vae_config_from_compvis`."""
+    ddconfig = dict(params.get("ddconfig") or {})
+    if ddconfig.get("attn_type") == "vanilla-xformers":
+        ddconfig["attn_type"] = "vanilla"
+    return vae_config_from_compvis(ddconfig, params.get("embed_dim", ddconfig.get("z_channels")), scaling_factor)
+
+
 # CompVis beta schedule name -> ours (the diffusers meaning; module docstring), and back.
 _BETA_NAMES = {"linear": "scaled_linear", "sqrt_linear": "linear", "cosine": "cosine"}
 _OUR_BETAS_TO_COMPVIS = {ours: compvis for compvis, ours in _BETA_NAMES.items()}
@@ -330,12 +341,8 @@ def config_from_compvis(
         unet_params = dict(unet_section.get("params") or {})
         unet_params.setdefault("upcast_attention", embedder == _OPENCLIP_EMBEDDER)
         unet = unet_config_from_compvis(unet_params)
-        vae_params = vae_section.get("params") or {}
-        ddconfig = dict(vae_params.get("ddconfig") or {})
-        if ddconfig.get("attn_type") == "vanilla-xformers":  # same maths, another kernel
-            ddconfig["attn_type"] = "vanilla"
-        vae = vae_config_from_compvis(ddconfig, vae_params.get("embed_dim", ddconfig.get("z_channels")),
-                                      float(params.get("scale_factor", 1.0)))  # CompVis default 1.0
+        vae = vae_config_from_first_stage(vae_section.get("params") or {},
+                                          float(params.get("scale_factor", 1.0)))  # CompVis default 1.0
         schedule = schedule_config_from_compvis(params)
         upscale = _upscale_section(params, source) if conditioning == "hybrid-adm" else None
     except (ValueError, KeyError, TypeError) as error:

@@ -154,8 +154,9 @@ def schedule_flags_from_diffusers(scheduler_config: dict[str, Any], folder: Path
 # super-resolution); img2img is a mode of ours over the same weights.
 UPSCALE_PIPELINE = "StableDiffusionUpscalePipeline"
 SDXL_PIPELINE, SDXL_REFINER_PIPELINE = "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"
+SDXL_INPAINT_PIPELINE = "StableDiffusionXLInpaintPipeline"
 PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
-                    UPSCALE_PIPELINE, SDXL_PIPELINE, SDXL_REFINER_PIPELINE)
+                    UPSCALE_PIPELINE, SDXL_PIPELINE, SDXL_REFINER_PIPELINE, SDXL_INPAINT_PIPELINE)
 # SDXL's text encoders: diffusers component -> its tokenizer folder and transformers class
 SDXL_TEXT_COMPONENTS = {"text_encoder": ("tokenizer", "CLIPTextModel"),
                         "text_encoder_2": ("tokenizer_2", "CLIPTextModelWithProjection")}
@@ -348,16 +349,19 @@ def _write_component(folder: Path, name: str, state_dict: dict[str, torch.Tensor
 
 
 def sdxl_model_index(config: PipelineConfig) -> dict[str, Any]:
-    """``model_index.json`` of an SDXL base (two text encoders) or refiner (``text_encoder_2`` alone) folder."""
+    """``model_index.json`` of an SDXL base (two text encoders) or refiner (``text_encoder_2`` alone) folder;
+    ``StableDiffusionXLInpaintPipeline`` for a 9-channel (inpainting) U-Net."""
     import diffusers
 
     base = config.text_encoder_2 is not None
+    pipeline_class = (SDXL_INPAINT_PIPELINE if _is_inpainting(config)
+                      else SDXL_PIPELINE if base else SDXL_REFINER_PIPELINE)
     text = {name: ["transformers", cls] if base or name.endswith("_2") else [None, None]
             for name, (_, cls) in SDXL_TEXT_COMPONENTS.items()}
     tokenizers = {tokenizer: ["transformers", "CLIPTokenizer"] if base or tokenizer.endswith("_2") else [None, None]
                   for tokenizer, _ in SDXL_TEXT_COMPONENTS.values()}
     return {
-        "_class_name": SDXL_PIPELINE if base else SDXL_REFINER_PIPELINE,
+        "_class_name": pipeline_class,
         "_diffusers_version": diffusers.__version__,
         "force_zeros_for_empty_prompt": config.sdxl.force_zeros_for_empty_prompt,
         **({} if base else {"requires_aesthetics_score": True}),
@@ -413,8 +417,13 @@ def model_index(config: PipelineConfig) -> dict[str, Any]:
         del index["requires_safety_checker"]  # not an argument of StableDiffusionUpscalePipeline
         return {**index, "low_res_scheduler": ["diffusers", "DDPMScheduler"],
                 "max_noise_level": config.upscale.max_noise_level, "watermarker": [None, None]}
-    inpainting = config.unet.in_channels == 2 * config.vae.latent_channels + 1
-    return _plain_model_index(config, "StableDiffusionInpaintPipeline" if inpainting else "StableDiffusionPipeline")
+    return _plain_model_index(config, "StableDiffusionInpaintPipeline" if _is_inpainting(config)
+                              else "StableDiffusionPipeline")
+
+
+def _is_inpainting(config: PipelineConfig) -> bool:
+    """A U-Net that reads the latents, the mask and the masked image's latents (9 channels for SD/SDXL)."""
+    return config.unet.in_channels == 2 * config.vae.latent_channels + 1
 
 
 def _plain_model_index(config: PipelineConfig, pipeline_class: str) -> dict[str, Any]:

@@ -27,11 +27,12 @@ Our modules use exactly these names (minus the component prefix), so reading is 
 finding the configuration. It comes from the first of:
 
 1. the ``config`` argument: a CompVis YAML (``configs/sd-v2-inference-v.yaml``, read by
-   :mod:`ldm.formats.compvis`), this package's ``config.yaml`` or model folder, or a
+   :mod:`ldm.formats.compvis`) or Stability's sgm YAML for SDXL (``sd_xl_base.yaml``, read by
+   :mod:`ldm.formats.sgm_yaml`), this package's ``config.yaml`` or model folder, or a
    :class:`~ldm.config.PipelineConfig`;
 2. the config this package stores in the safetensors metadata (``ldm_config``) of files it writes
    (:mod:`ldm.formats.single_file_write`);
-3. a CompVis YAML beside the checkpoint with the same name (``model.yaml`` for ``model.safetensors``),
+3. a CompVis or sgm YAML beside the checkpoint with the same name (``model.yaml`` for ``model.safetensors``),
    the convention of AUTOMATIC1111 and ComfyUI;
 4. the weights themselves (:func:`ldm.formats.single_file_config.infer_config`): shapes give every
    size, the text-encoder keys the family, and what no weight shows takes the Stable Diffusion value.
@@ -62,6 +63,7 @@ from ldm.formats import text_keys as text_keymap
 from ldm.formats import vae_keys as vae_keymap
 from ldm.formats.checkpoints import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
 from ldm.formats.compvis import config_from_compvis
+from ldm.formats.sgm_yaml import config_from_sgm, is_sgm_yaml
 from ldm.formats.single_file_config import (POSITION_IDS, check_upscaler_channels, infer_config, key_indices,
                                             text_layout)
 from ldm.models.text_encoders import TextEncoderConfig
@@ -348,7 +350,7 @@ def _config_from_sources(config, path: Path, parts: dict[str, dict[str, Tensor]]
     beside = path.with_suffix(".yaml")
     if beside.is_file():
         logger.info("%s: using the CompVis config beside it, %s", path, beside)
-        return config_from_compvis(read_yaml(beside), parts, source=str(beside))
+        return _config_from_yaml(read_yaml(beside), parts, source=str(beside))
     inferred = infer_config(parts, prediction=prediction)
     if inferred.is_upscaler:
         logger.info("%s: an x4 upscaler (label embedding, latents + RGB input); settings of x4-upscaling.yaml", path)
@@ -365,8 +367,16 @@ def _read_config_argument(config: Path, parts: dict[str, dict[str, Tensor]]) -> 
         return load_config(config / "config.yaml")
     data = read_yaml(config)
     if isinstance(data, dict) and "model" in data:
-        return config_from_compvis(data, parts, source=str(config))
+        return _config_from_yaml(data, parts, source=str(config))
     return load_config(config)
+
+
+def _config_from_yaml(data, parts: dict[str, dict[str, Tensor]], *, source: str) -> PipelineConfig:
+    """A CompVis (``LatentDiffusion``) or Stability sgm (``DiffusionEngine``: SDXL) inference YAML read with
+    the checkpoint's weights, which give the text encoders' sizes."""
+    if is_sgm_yaml(data):
+        return config_from_sgm(data, parts, source=source)
+    return config_from_compvis(data, parts, source=source)
 
 
 def _metadata_config(path: Path) -> PipelineConfig | None:
