@@ -524,9 +524,12 @@ class SDXLTextEncoder(nn.Module):
         """Textual-inversion embeddings for SDXL carry one vector set per embedder; not read yet."""
         raise ValueError(f"embedding {token!r}: textual-inversion embeddings are not supported for SDXL models yet")
 
-    def forward(self, input_ids: Tensor, clip_skip: int = 1, replacements: Sequence[Replacement] = ()) -> Tensor:
-        """``input_ids [B, L]`` -> ``context [B, L, width]``."""
-        return self.forward_with_pooled(input_ids, clip_skip, replacements)[0]
+    def forward(self, input_ids: Tensor, clip_skip: int = 1, replacements: Sequence[Replacement] = (), *,
+                with_pooled: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """``input_ids [B, L]`` -> ``context [B, L, width]``, or ``(context, pooled [B, P])`` with ``with_pooled``
+        (what training calls, through the module's own ``__call__`` as a data-parallel wrapper needs)."""
+        context, pooled = self.forward_with_pooled(input_ids, clip_skip, replacements)
+        return (context, pooled) if with_pooled else context
 
     def forward_with_pooled(self, input_ids: Tensor, clip_skip: int = 1,
                             replacements: Sequence[Replacement] = ()) -> tuple[Tensor, Tensor]:

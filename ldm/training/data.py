@@ -25,6 +25,11 @@ captions in one safetensors file, reused while the dataset, transforms and VAE a
 
 Randomness (random crop, flip) is a pure function of ``(seed, epoch, index)``, so results do not
 depend on DataLoader workers, and a resumed run sees the same augmentations.
+
+Every sample also says how it was made, as SDXL's size conditioning needs it (Podell et al. 2023, sec. 2.2):
+``original_size`` = the image's ``(height, width)`` before resizing (after EXIF orientation) and
+``crop_top_left`` = ``(top, left)`` of the crop in the resized image (mirrored with the image when flipped,
+so it is the crop of the image the model sees); the target size is the sample's own size.
 """
 
 from __future__ import annotations
@@ -281,8 +286,7 @@ def resize_and_crop(
     """
     target_w, target_h = size
     width, height = image.size
-    scale = max(target_w / width, target_h / height)
-    resized_w, resized_h = max(target_w, round(width * scale)), max(target_h, round(height * scale))
+    resized_w, resized_h = covering_size(image.size, size)
     if (resized_w, resized_h) != (width, height):
         image = image.resize((resized_w, resized_h), Image.Resampling.BICUBIC, reducing_gap=2.0)
     if crop == "random":
@@ -294,6 +298,14 @@ def resize_and_crop(
     else:
         raise ConfigError(f"crop must be 'center' or 'random', got {crop!r}")
     return image.crop((left, top, left + target_w, top + target_h)), (top, left)
+
+
+def covering_size(image_size: tuple[int, int], size: tuple[int, int]) -> tuple[int, int]:
+    """``(width, height)`` of an ``image_size = (width, height)`` image resized (aspect kept) to just cover
+    ``size = (width, height)``."""
+    (width, height), (target_w, target_h) = image_size, size
+    scale = max(target_w / width, target_h / height)
+    return max(target_w, round(width * scale)), max(target_h, round(height * scale))
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
@@ -487,7 +499,8 @@ class _Record:
 
 
 class ImageCaptionDataset(torch.utils.data.Dataset):
-    """Map-style dataset of ``{"pixel_values": [3, H, W] in [-1, 1], "caption": str, "index": int}``.
+    """Map-style dataset of ``{"pixel_values": [3, H, W] in [-1, 1], "caption": str, "index": int,
+    "original_size": (height, width), "crop_top_left": (top, left)}`` (the last two: see the module docstring).
 
     Construction scans every row once (decoding each image, JPEGs at reduced scale) and keeps
     only usable ones; indices refer to the kept samples. With ``bucketing`` each sample's
@@ -607,12 +620,14 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         """
         for candidate in self._candidates(index):
             try:
-                pixels = self._pixels(candidate, flip=flip, crop=crop, rng=rng)
+                pixels, crop_top_left = self._pixels(candidate, flip=flip, crop=crop, rng=rng)
             except Exception as error:  # see docstring: never crash a run on one bad file
                 self.report.late_failures += 1
                 logger.warning("skipping %s: %s", self.records[candidate].label, _first_line(error))
                 continue
-            return {"pixel_values": pixels, "caption": self.records[candidate].caption, "index": candidate}
+            record = self.records[candidate]
+            return {"pixel_values": pixels, "caption": record.caption, "index": candidate,
+                    "original_size": (record.height, record.width), "crop_top_left": crop_top_left}
         raise RuntimeError(f"every image of bucket {self.bucket_sizes[self.bucket_ids[index]]} failed to decode")
 
     def _candidates(self, index: int) -> Iterator[int]:
@@ -622,17 +637,21 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         start = members.index(index)
         yield from (members[(start + step) % len(members)] for step in range(1, len(members)))
 
-    def _pixels(self, index: int, *, flip: bool, crop: str, rng: np.random.Generator | None) -> torch.Tensor:
+    def _pixels(self, index: int, *, flip: bool, crop: str,
+                rng: np.random.Generator | None) -> tuple[torch.Tensor, tuple[int, int]]:
+        """``([3, H, W] in [-1, 1], (top, left) of the crop in the resized, possibly flipped image)``."""
         record = self.records[index]
         size = self.bucket_sizes[self.bucket_ids[index]]
         image = open_image(self.rows[record.row]["image"])
         needed = size if (record.width, record.height) == image.size else (size[1], size[0])
         image.draft(None, _draft_request(image.size, needed))  # JPEG: decode directly at a reduced scale
         image = to_rgb(ImageOps.exif_transpose(image))
-        image, _ = resize_and_crop(image, size, crop=crop, rng=rng)
+        resized_width = covering_size(image.size, size)[0]
+        image, (top, left) = resize_and_crop(image, size, crop=crop, rng=rng)
         if flip:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return image_to_tensor(image)
+            left = resized_width - size[0] - left  # the same window, seen in the mirrored image
+        return image_to_tensor(image), (top, left)
 
     # ---------------------------------------------------------------- identity
 
@@ -702,7 +721,8 @@ def _draft_request(image_size: tuple[int, int], needed: tuple[int, int]) -> tupl
 
 
 def collate_batch(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Stack a batch: ``pixel_values [B, 3, H, W]`` (or ``latents [B, C, h, w]``), ``captions``, ``indices``."""
+    """Stack a batch: ``pixel_values [B, 3, H, W]`` (or ``latents [B, C, h, w]``), ``captions``, ``indices``, and
+    when the items carry them ``original_size [B, 2]`` and ``crop_top_left [B, 2]`` (int64)."""
     batch: dict[str, Any] = {
         "captions": [item["caption"] for item in items],
         "indices": torch.tensor([item["index"] for item in items]),
@@ -710,6 +730,9 @@ def collate_batch(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     for name in ("pixel_values", "latents"):
         if name in items[0]:
             batch[name] = torch.stack([item[name] for item in items])
+    for name in ("original_size", "crop_top_left"):
+        if name in items[0]:
+            batch[name] = torch.tensor([list(item[name]) for item in items], dtype=torch.int64)
     return batch
 
 
@@ -725,16 +748,20 @@ class CachedLatentDataset(torch.utils.data.Dataset):
 
     ``z`` is already scaled by the VAE's ``scaling_factor``. With flipped latents stored, the
     horizontal flip is drawn per ``(seed, epoch, index)`` exactly as in :class:`ImageCaptionDataset`.
-    ``bucket_ids`` match the image dataset, so :class:`BucketBatchSampler` works unchanged.
+    ``bucket_ids`` match the image dataset, so :class:`BucketBatchSampler` works unchanged. Items also
+    carry ``original_size`` and ``crop_top_left`` (of the flipped crop when flipped) when the cache has them
+    (``sizes``: per sample ``[height, width, top, left, flipped left]``).
     """
 
     def __init__(self, latents: list[torch.Tensor], captions: list[str], bucket_ids: list[int], *,
-                 flipped: list[torch.Tensor] | None = None, seed: int = 0) -> None:
+                 flipped: list[torch.Tensor] | None = None, seed: int = 0,
+                 sizes: list[list[int]] | None = None) -> None:
         self.latents = latents
         self.flipped = flipped
         self.captions = captions
         self.bucket_ids = bucket_ids
         self.seed = seed
+        self.sizes = sizes
 
     def __len__(self) -> int:
         return len(self.latents)
@@ -743,7 +770,11 @@ class CachedLatentDataset(torch.utils.data.Dataset):
         index, epoch = _split_key(key)
         flip = self.flipped is not None and bool(sample_rng(self.seed, epoch, index).random() < 0.5)
         latents = (self.flipped if flip else self.latents)[index]
-        return {"latents": latents, "caption": self.captions[index], "index": index}
+        item = {"latents": latents, "caption": self.captions[index], "index": index}
+        if self.sizes is not None:
+            height, width, top, left, flipped_left = self.sizes[index]
+            item |= {"original_size": (height, width), "crop_top_left": (top, flipped_left if flip else left)}
+        return item
 
 
 def vae_fingerprint(vae: torch.nn.Module) -> str:
@@ -799,6 +830,7 @@ def cache_latents(
     dtype = next(vae.parameters()).dtype
     tensors: dict[str, torch.Tensor] = {}
     captions = [""] * len(dataset)
+    sizes = [[0, 0, 0, 0, 0] for _ in range(len(dataset))]  # height, width, top, left, flipped left
     for flip in ((False, True) if dataset.random_flip else (False,)):
         for chunk in _bucket_chunks(dataset.bucket_ids, batch_size):
             items = [dataset.load(i, flip=flip, crop="center") for i in chunk]
@@ -807,9 +839,13 @@ def cache_latents(
             for i, item, latent in zip(chunk, items, z):
                 tensors[f"{'flipped' if flip else 'latents'}.{i}"] = latent
                 captions[i] = item["caption"]
+                top, left = item["crop_top_left"]
+                sizes[i][4] = left
+                if not flip:
+                    sizes[i][:4] = [*item["original_size"], top, left]
     metadata = {"format": CACHE_FORMAT, "fingerprint": fingerprint, "count": str(len(dataset)),
                 "flipped": str(int(dataset.random_flip)), "captions": json.dumps(captions, ensure_ascii=False),
-                "bucket_ids": json.dumps(dataset.bucket_ids)}
+                "bucket_ids": json.dumps(dataset.bucket_ids), "sizes": json.dumps(sizes)}
     checkpoints.save_safetensors_atomic(tensors, path, metadata=metadata)
     logger.info("cached %d latents in %s", len(dataset), path)
     return _cached_dataset(tensors, metadata, dataset.seed)
@@ -828,8 +864,9 @@ def _bucket_chunks(bucket_ids: Sequence[int], batch_size: int) -> Iterator[list[
 def _cached_dataset(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], seed: int) -> CachedLatentDataset:
     count = int(metadata["count"])
     flipped = [tensors[f"flipped.{i}"] for i in range(count)] if metadata.get("flipped") == "1" else None
+    sizes = json.loads(metadata["sizes"]) if "sizes" in metadata else None  # caches written before sizes: none
     return CachedLatentDataset([tensors[f"latents.{i}"] for i in range(count)], json.loads(metadata["captions"]),
-                               json.loads(metadata["bucket_ids"]), flipped=flipped, seed=seed)
+                               json.loads(metadata["bucket_ids"]), flipped=flipped, seed=seed, sizes=sizes)
 
 
 __all__ = [

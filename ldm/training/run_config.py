@@ -30,12 +30,13 @@ import torch
 from ldm.config import OPTIONAL_SECTIONS, SECTION_CLASSES, PipelineConfig
 from ldm.config_io import check_keys, check_types, parse_yaml_value, plain_data, read_yaml, strict_from_dict
 from ldm.errors import ConfigError
+from ldm.upscaling import LowResDegradation
 
 DATA_KINDS = ("procedural", "folder", "hub")
 PRECISIONS = ("no", "fp16", "bf16")
 OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _PIPELINE_SECTIONS = ("unet", "text_encoder", "schedule", "sampling", "upscale")
-_INIT_OVERRIDABLE = ("schedule", "sampling")  # sections model.init may be combined with
+_INIT_OVERRIDABLE = ("schedule", "sampling", "upscale")  # sections model.init may be combined with
 _TOP_LEVEL = ("model", "vae", "text_encoder", "data", "training", "validation", "output", "run_dir")
 # Settings a resumed session may change: how long to train, the learning-rate schedule, checkpointing,
 # logging, speed and memory options, the model's sampling defaults. All others (base model or
@@ -47,7 +48,7 @@ RESUMABLE_SETTINGS = frozenset({
     "training.keep_checkpoints", "training.mixed_precision", "training.gradient_checkpointing",
     "training.log_every",
     "model.sampling.steps", "model.sampling.guidance_scale", "model.sampling.sampler", "model.sampling.karras",
-    "model.sampling.eta", "model.sampling.signal_leak",
+    "model.sampling.eta", "model.sampling.signal_leak", "model.upscale.noise_level", "model.upscale.colour_fix",
 })
 
 
@@ -63,6 +64,8 @@ class DataSettings:
     caption_column: str = "text"
     repeats_column: str | None = None  # per-image repeats per epoch (folder/hub data)
     latent_crop: int | None = None  # procedural: train on random square crops of this many latent pixels
+    low_res_round_trip: float = 0.0  # super-resolution: share of small images replaced by their autoencoder round trip
+    low_res_blur: float = 0.0  # super-resolution: largest Gaussian blur sigma (small-image pixels), drawn per sample
     split: str = "train"
     resolution: int | None = None  # default: the model's sampling height
     crop: str = "center"  # center | random
@@ -228,6 +231,12 @@ def _check_values(config: RunConfig) -> None:
         raise ConfigError(f"{where}: text_encoder (a pretrained model's) excludes model.init and model.text_encoder")
     if d.latent_crop is not None and (d.kind != "procedural" or d.latent_crop < 1):
         raise ConfigError(f"{where}: data.latent_crop needs procedural data and a positive size")
+    if (d.low_res_round_trip or d.low_res_blur) and d.kind != "procedural":
+        raise ConfigError(f"{where}: data.low_res_round_trip and data.low_res_blur need procedural data")
+    try:
+        LowResDegradation(d.low_res_round_trip, d.low_res_blur)
+    except ValueError as error:
+        raise ConfigError(f"{where}: data.low_res_*: {error}") from None
     if t.text_encoder_lr is not None:
         if t.text_encoder_lr <= 0 or t.lr <= 0:
             raise ConfigError(f"{where}: training.text_encoder_lr and training.lr must be > 0")
@@ -248,6 +257,9 @@ def run_identity(config: RunConfig) -> dict[str, Any]:
     settings["data.source"] = _location(config.data.source)
     if config.data.latent_crop is None:  # a later option: absent from the identity of runs that do not use it
         del settings["data.latent_crop"]
+    for later_option in ("data.low_res_round_trip", "data.low_res_blur"):  # likewise, when off
+        if not settings[later_option]:
+            del settings[later_option]
     settings.update(_flatten(asdict(config.training), "training"))
     return {key: value for key, value in settings.items() if not _resumable(key)}
 

@@ -47,6 +47,7 @@ from ldm.errors import ConfigError
 from ldm.formats import checkpoints
 from ldm.formats.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_lora, save_lora
 from ldm.images import make_grid
+from ldm.models.sdxl_conditioning import MicroConditioning, conditioning_vector, micro_conditioning_count
 from ldm.models.text_encoders import build_text_encoder
 from ldm.models.unet import UNetModel
 from ldm.pipeline import Txt2ImgPipeline
@@ -55,7 +56,7 @@ from ldm.training import objectives, run_state
 from ldm.training.data import (BucketBatchSampler, ImageCaptionDataset, cache_latents, collate_batch,
                                load_image_caption_dataset, vae_fingerprint)
 from ldm.training.ema import EMA
-from ldm.upscaling import LowResAugmentation
+from ldm.upscaling import LowResAugmentation, LowResDegradation
 from ldm.training.run_config import (OUTPUT_DTYPES, DataSettings, RunConfig, TrainSettings, ValidationSettings,
                                      run_identity)
 
@@ -139,11 +140,13 @@ def prepare_trainable(pipe, settings: TrainSettings) -> dict[str, nn.Module]:
     train_text = settings.train_text_encoder
     if settings.lora is not None:
         lora = settings.lora
-        add_lora(pipe.unet, lora.rank, lora.alpha, lora.unet_targets or UNET_TARGETS, dropout=lora.dropout)
-        pipe.text_encoder.requires_grad_(False)
-        train_text = lora.text_encoder
-        if train_text:
-            add_lora(pipe.text_encoder, lora.rank, lora.alpha, TEXT_ENCODER_TARGETS, dropout=lora.dropout)
+        with torch.random.fork_rng(devices=[]):  # adapters start from the run's seed, whatever ran before
+            torch.manual_seed(settings.seed)
+            add_lora(pipe.unet, lora.rank, lora.alpha, lora.unet_targets or UNET_TARGETS, dropout=lora.dropout)
+            pipe.text_encoder.requires_grad_(False)
+            train_text = lora.text_encoder
+            if train_text:
+                add_lora(pipe.text_encoder, lora.rank, lora.alpha, TEXT_ENCODER_TARGETS, dropout=lora.dropout)
     else:
         pipe.unet.requires_grad_(True)
         pipe.text_encoder.requires_grad_(train_text)
@@ -196,13 +199,22 @@ class ProceduralLatents:
 
     For a super-resolution model the pool also holds each image rendered small (``[N, 3, h, w]`` uint8,
     the latents' spatial size: the same scene drawn at ``1 / downsample_factor`` of the side), and
-    ``latent_crop`` cuts the same random square out of the latents and the small image.
+    ``latent_crop`` cuts the same random square out of the latents and the small image. A
+    ``degradation`` (:class:`ldm.upscaling.LowResDegradation`) then softens the small images as a base
+    model's would be; its round trips through the autoencoder (``low_res_round_trip``, uint8 like
+    ``low_res``) are made once with the pool.
     """
 
     def __init__(self, latents: torch.Tensor, captions: list[str], batch_size: int, *,
-                 low_res: torch.Tensor | None = None, latent_crop: int | None = None) -> None:
+                 low_res: torch.Tensor | None = None, latent_crop: int | None = None,
+                 low_res_round_trip: torch.Tensor | None = None,
+                 degradation: LowResDegradation | None = None) -> None:
         self.latents, self.captions, self.batch_size = latents, captions, batch_size
         self.low_res, self.latent_crop = low_res, latent_crop
+        self.low_res_round_trip = low_res_round_trip
+        self.degradation = degradation if degradation is not None and degradation.active else None
+        if self.degradation is not None and low_res is None:
+            raise ConfigError("data.low_res_round_trip and data.low_res_blur are for super-resolution models")
         if latent_crop is not None and latent_crop > min(latents.shape[-2:]):
             raise ConfigError(f"data.latent_crop {latent_crop} is larger than the latents {tuple(latents.shape[-2:])}")
 
@@ -214,28 +226,37 @@ class ProceduralLatents:
         pixels (and their small renders when ``with_low_res``), cached in ``cache`` with their captions and a
         fingerprint of the data seed, pool size, sizes and VAE (a cache made for other ones is recomputed,
         not used)."""
+        degradation = LowResDegradation(settings.low_res_round_trip, settings.low_res_blur)
+        with_round_trips = with_low_res and degradation.round_trip > 0
         identity = {"seed": settings.seed, "pool_size": settings.pool_size, "vae": vae_fingerprint(vae)}
         if image_size != 64 or with_low_res:  # the fingerprint of earlier 64-pixel caches stays valid
             identity |= {"image_size": image_size, "low_res": with_low_res}
+        if with_round_trips:
+            identity["low_res_round_trip"] = True
         fingerprint = json.dumps(identity)
         metadata = checkpoints.safetensors_metadata(cache)
         if metadata.get("fingerprint") == fingerprint:
-            tensors = checkpoints.load_state_dict(cache)
-            return cls(tensors["latents"], json.loads(metadata["captions"]), batch_size,
-                       low_res=tensors.get("low_res"), latent_crop=settings.latent_crop)
-        if cache.is_file():
-            logger.info("latent cache %s was made for other data or another VAE; recomputing", cache)
-        tensors, captions = _encode_procedural_pool(vae, settings, image_size, with_low_res, device)
-        checkpoints.save_safetensors_atomic(tensors, cache,
-                                            metadata={"fingerprint": fingerprint, "captions": json.dumps(captions)})
+            tensors, captions = checkpoints.load_state_dict(cache), json.loads(metadata["captions"])
+        else:
+            if cache.is_file():
+                logger.info("latent cache %s was made for other data or another VAE; recomputing", cache)
+            tensors, captions = _encode_procedural_pool(vae, settings, image_size, with_low_res, device,
+                                                        with_round_trips=with_round_trips)
+            checkpoints.save_safetensors_atomic(tensors, cache, metadata={"fingerprint": fingerprint,
+                                                                          "captions": json.dumps(captions)})
         return cls(tensors["latents"], captions, batch_size, low_res=tensors.get("low_res"),
-                   latent_crop=settings.latent_crop)
+                   latent_crop=settings.latent_crop, low_res_round_trip=tensors.get("low_res_round_trip"),
+                   degradation=degradation)
 
     def next_batch(self, generator: torch.Generator) -> dict[str, Any]:
         index = torch.randint(len(self.latents), (self.batch_size,), generator=generator)
         batch = {"latents": self.latents[index], "captions": [self.captions[i] for i in index.tolist()]}
         if self.low_res is not None:
             batch["low_res"] = self.low_res[index].float().div(127.5).sub(1.0)  # uint8 -> [-1, 1]
+        if self.degradation is not None:  # before cropping: the blur sees the whole small image
+            round_trips = None if self.low_res_round_trip is None else \
+                self.low_res_round_trip[index].float().div(127.5).sub(1.0)
+            batch["low_res"] = self.degradation(batch["low_res"], round_trips, generator)
         if self.latent_crop is not None:
             batch = _random_crop(batch, self.latent_crop, generator)
         return batch
@@ -247,12 +268,14 @@ class ProceduralLatents:
         pass
 
 
-def _encode_procedural_pool(vae, settings: DataSettings, image_size: int, with_low_res: bool, device):
-    """``({"latents": [N, C, h, w] float32, "low_res"?: [N, 3, h, w] uint8}, captions)`` of the first
-    ``pool_size`` samples of the procedural training split."""
+def _encode_procedural_pool(vae, settings: DataSettings, image_size: int, with_low_res: bool, device, *,
+                            with_round_trips: bool = False):
+    """``({"latents": [N, C, h, w] float32, "low_res"?: [N, 3, h, w] uint8, "low_res_round_trip"?: the same
+    small images decoded from their posterior-mean latents}, captions)`` of the first ``pool_size``
+    samples of the procedural training split."""
     dataset = ProceduralDataset(seed=settings.seed, split="train", image_size=image_size)
     small = ProceduralDataset(seed=settings.seed, split="train", image_size=image_size // vae.config.downsample_factor)
-    latents, low_res, captions, start = [], [], [], time.perf_counter()
+    latents, low_res, round_trips, captions, start = [], [], [], [], time.perf_counter()
     dtype = next(vae.parameters()).dtype
     chunk = max(1, 256 * 64 * 64 // image_size**2)  # bounded memory at any image size
     for first in range(0, settings.pool_size, chunk):
@@ -263,12 +286,18 @@ def _encode_procedural_pool(vae, settings: DataSettings, image_size: int, with_l
         if with_low_res:
             small_images = [small.sample(first + i).image for i in range(len(samples))]
             low_res.append(torch.from_numpy(np.stack([np.asarray(im) for im in small_images])).permute(0, 3, 1, 2))
+        if with_round_trips:
+            small_tensor = images_to_tensor(small_images).to(device, dtype)
+            decoded = vae.decode(vae.encode(small_tensor).mode()).float().clamp(-1, 1)
+            round_trips.append(decoded.add(1).mul(127.5).round().to(torch.uint8).cpu())
         if first // chunk % 20 == 0:
             logger.info("encoded %d/%d procedural images (%.0f s)", first + len(samples), settings.pool_size,
                         time.perf_counter() - start)
     tensors = {"latents": torch.cat(latents)}
     if with_low_res:
         tensors["low_res"] = torch.cat(low_res).contiguous()
+    if with_round_trips:
+        tensors["low_res_round_trip"] = torch.cat(round_trips).contiguous()
     logger.info("encoded %d procedural latents in %.0f s (std %.3f)", len(tensors["latents"]),
                 time.perf_counter() - start, tensors["latents"].std())
     return tensors, captions
@@ -369,18 +398,31 @@ def build_image_data(config: RunConfig, pipe, run_dir: Path, device, *, rank: in
 def diffusion_loss_on_batch(unet, text_encoder, tokenizer, schedule, z: torch.Tensor, captions: list[str],
                             settings: TrainSettings, generator: torch.Generator, *,
                             low_res: torch.Tensor | None = None,
-                            augmentation: LowResAugmentation | None = None) -> torch.Tensor:
+                            augmentation: LowResAugmentation | None = None,
+                            time_ids: torch.Tensor | None = None,
+                            zeros_for_empty_captions: bool = False) -> torch.Tensor:
     """One DDPM loss evaluation (Algorithm 1) on clean latents ``z [B, C, h, w]``.
 
     Randomness (caption dropout, timesteps ``t ~ U{0..T-1}``, noise ``eps``; for a super-resolution
     model then the augmentation levels and noise) comes from ``generator`` in that order. The target is
     eps or v by ``schedule.config.prediction``. A super-resolution model (``low_res [B, 3, h, w]`` in
     [-1, 1] with its ``augmentation``) sees the noise-augmented small image concatenated to ``x_t`` and the
-    augmentation level as its class label (:mod:`ldm.upscaling`).
+    augmentation level as its class label (:mod:`ldm.upscaling`). An SDXL model gets ``time_ids [B, k]``
+    (:func:`sdxl_time_ids`): its vector ``y`` is the pooled text embedding and their Fourier features; with
+    ``zeros_for_empty_captions`` (the model's ``force_zeros_for_empty_prompt``) an empty or dropped caption is
+    all-zero context and pooled embedding, the unconditional input the pipeline gives it.
     """
     prediction = schedule.config.prediction
     captions = objectives.drop_captions(captions, settings.caption_dropout, generator=generator)
-    context = text_encoder(tokenizer(captions).to(z.device))
+    y = None
+    if time_ids is None:
+        context = text_encoder(tokenizer(captions).to(z.device))
+    else:
+        context, pooled = text_encoder(tokenizer(captions).to(z.device), with_pooled=True)
+        if zeros_for_empty_captions:
+            keep = torch.tensor([caption != "" for caption in captions], device=z.device)
+            context, pooled = context * keep[:, None, None], pooled * keep[:, None]
+        y = conditioning_vector(pooled, time_ids.to(z.device))
     t = objectives.sample_timesteps(len(z), schedule.config.num_train_timesteps, generator=generator,
                                     device=z.device)
     eps = objectives.sample_noise(z, generator=generator, offset=settings.noise_offset)
@@ -393,8 +435,29 @@ def diffusion_loss_on_batch(unet, text_encoder, tokenizer, schedule, z: torch.Te
         labels = augmentation.training_levels(len(z), generator=generator, device=z.device)
         noise = torch.randn(low_res.shape, generator=generator).to(z.device)
         x_t = torch.cat([x_t, augmentation(low_res.to(z.device, x_t.dtype), noise, labels)], dim=1)
-    return objectives.diffusion_loss(unet(x_t, t.float(), context.to(x_t.dtype), class_labels=labels), target,
-                                     weights)
+    model_output = unet(x_t, t.float(), context.to(x_t.dtype), class_labels=labels,
+                        y=None if y is None else y.to(x_t.dtype))
+    return objectives.diffusion_loss(model_output, target, weights)
+
+
+def sdxl_time_ids(pipe, batch: dict[str, Any], z: torch.Tensor) -> torch.Tensor | None:
+    """Each sample's SDXL micro-conditioning numbers ``[B, k]`` (None for other models), as SDXL was trained:
+    original size = the image's ``(height, width)`` before resizing, crop = ``(top, left)`` of its crop in the
+    resized image (both recorded by :mod:`ldm.training.data`), target size = the sample's own pixel size (the
+    training resolution or bucket). Batches without them (procedural data) use original = target, crop (0, 0).
+    The refiner's fifth number is the model's ``aesthetic_score``."""
+    if not pipe.config.is_sdxl:
+        return None
+    factor = pipe.vae.downsample_factor
+    target = (z.shape[-2] * factor, z.shape[-1] * factor)
+    count = micro_conditioning_count(pipe.config.unet, pipe.text_encoder.pooled_dim)
+    rows = []
+    for i in range(len(z)):
+        original = tuple(batch["original_size"][i].tolist()) if "original_size" in batch else target
+        crop = tuple(batch["crop_top_left"][i].tolist()) if "crop_top_left" in batch else (0, 0)
+        micro = MicroConditioning(original_size=original, crop_top_left=crop, target_size=target)
+        rows.append(micro.time_ids(*target, count, pipe.config.sdxl.aesthetic_score))
+    return torch.tensor(rows)
 
 
 def parameter_groups(trained: dict[str, nn.Module], settings: TrainSettings) -> list[dict]:
@@ -761,7 +824,9 @@ def training_step(run: TrainingRun) -> tuple[float, float]:
         with accelerator.accumulate(*run.wrapped.values()), accelerator.autocast():
             loss = diffusion_loss_on_batch(unet_fn, text_fn, pipe.text_encoder.tokenizer, pipe.schedule, z,
                                            batch["captions"], t, generator, low_res=batch.get("low_res"),
-                                           augmentation=run.augmentation)
+                                           augmentation=run.augmentation, time_ids=sdxl_time_ids(pipe, batch, z),
+                                           zeros_for_empty_captions=pipe.config.is_sdxl
+                                           and pipe.config.sdxl.force_zeros_for_empty_prompt)
             accelerator.backward(loss)
             if accelerator.sync_gradients and t.grad_clip:
                 accelerator.clip_grad_norm_(run.parameters, t.grad_clip)
@@ -843,5 +908,6 @@ __all__ = ["train", "TrainResult", "TrainingRun", "setup_run", "open_run_dir", "
            "export_checkpoint", "check_outputs", "output_targets", "output_run_id",
            "load_run_data", "start_session", "training_step", "log_step", "save_run_checkpoint", "finish_run",
            "build_pipeline", "load_vae_folder", "prepare_trainable", "parameter_groups", "diffusion_loss_on_batch",
+           "sdxl_time_ids",
            "step_generator", "render_validation", "export_model", "TrainableParameters", "ProceduralLatents",
            "ImageBatches"]
