@@ -4,7 +4,7 @@ Everything here is pixel-space bookkeeping around the sampling core, done the wa
 ``VaeImageProcessor`` does it (so results equal diffusers' img2img and inpainting pipelines):
 
 - an image becomes ``[1, 3, H, W]`` in ``[-1, 1]``, resized (Lanczos) when its size differs from
-  the requested one;
+  the requested one (:func:`to_pil` / :func:`pil_to_tensor` convert the pipeline's outputs, in ``[0, 1]``);
 - a mask becomes ``[1, 1, H, W]`` with values 0 (keep) and 1 (repaint): grey levels >= 0.5 count
   as repaint (white = repaint, as in diffusers and AUTOMATIC1111);
 - ``strength`` selects where on the sampling chain to start (SDEdit, Meng et al. 2021): with
@@ -51,6 +51,17 @@ def image_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor
         image = image.resize((width, height), resample=Image.LANCZOS)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
     return pixels.permute(2, 0, 1)[None] * 2 - 1
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB PIL image -> ``[3, H, W]`` float32 in [0, 1]."""
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """``[B, 3, H, W]`` floats in [0, 1] -> list of 8-bit RGB PIL images (round to nearest)."""
+    array = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    return [Image.fromarray(a) for a in array]
 
 
 def mask_to_tensor(mask: Image.Image, width: int, height: int) -> torch.Tensor:
@@ -151,8 +162,7 @@ def upscale_latents(latents: torch.Tensor, height: int, width: int) -> torch.Ten
 def upscale_images(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """The hires fix's image upscaler: ``[B, 3, h, w]`` in [0, 1] -> Lanczos-resized ``[B, 3, height, width]``
     in [-1, 1] (via uint8, as an image file would carry it)."""
-    pixels = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
-    return torch.cat([image_to_tensor(Image.fromarray(row), width, height) for row in pixels])
+    return torch.cat([image_to_tensor(image, width, height) for image in to_pil(images)])
 
 Box = tuple[int, int, int, int]  # (left, top, right, bottom) in pixels, right/bottom exclusive
 

@@ -9,49 +9,50 @@ Weights load from this package's own folder format (``config.yaml`` + ``model.sa
 with original Stable Diffusion key names), from diffusers ``StableDiffusionPipeline``
 folders, from original single-file checkpoints (:mod:`ldm.formats.single_file`), or from a Hugging
 Face hub id when there is a network.
+
+What a call needs around that core lives beside it: argument checks (:mod:`ldm.call_arguments`), the
+sampling options (:mod:`ldm.sampling_options`), the image modes' inputs and paste-back
+(:mod:`ldm.image_modes`), where the chain starts in each mode (:mod:`ldm.starting_points`, a mixin of
+the pipeline) and SDXL's vector conditioning (:mod:`ldm.sdxl_guidance`).
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 import logging
-import math
-import numbers
 import re
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 
 from autoencoder.model import AutoencoderKL
+from ldm.call_arguments import check_call_arguments, check_finite, check_placement, check_seed, describe, expand_prompts
 from ldm.formats import checkpoints
 from ldm.formats.diffusers_folder import load_diffusers_folder, save_diffusers_folder
 from ldm.formats.single_file import read_single_file
 from ldm.formats.textual_inversion import read_embedding, read_embeddings_folder
-from ldm.config import PipelineConfig, SamplingDefaults, load_config, save_config
+from ldm.config import PipelineConfig, load_config, save_config
 from ldm.sampling.denoiser import DiscreteDenoiser, cfg_denoiser
 from ldm.errors import ArgumentError, CheckpointError, ConfigError, ImageInputError
-from ldm.hardware import check_device
-from ldm.image_inputs import (HIRES_UPSCALERS, ImageCondition, blur_mask, check_mask, default_size, image_to_tensor,
-                              latent_mask, mask_at_size, mask_to_tensor, only_masked_region, paste_into, steps_to_skip,
-                              upscale_images, upscale_latents)
-from ldm.sampling.registry import resolve_sampler_name, resolve_schedule_name
-from ldm.sampling.samplers import SAMPLERS, final_latents, initial_latents
-from ldm.sampling.schedule import LCM_ORIGINAL_STEPS, NoiseSchedule
-from ldm.sampling.signal_leak import SignalLeak
+from ldm.image_inputs import ImageCondition, default_size, image_to_tensor, pil_to_tensor, steps_to_skip, to_pil
+from ldm.image_modes import (check_low_res_sizes, hires_condition, hires_options, image_condition, only_masked_crop,
+                             paste_back_results)
+from ldm.sampling.samplers import SAMPLERS, final_latents
+from ldm.sampling.schedule import NoiseSchedule
 from ldm.sampling.variation import Variation
+from ldm.sampling_options import SamplingOptions, build_sampling_options
 from ldm.models.builder import build_components, fill_derived_buffers
 from ldm.models.prompt_encoding import ContextSchedule, encode_prompts, schedule_contexts
-from ldm.models.sdxl_conditioning import MicroConditioning, conditioning_vector, micro_conditioning_count
-from ldm.prompt_syntax import prompt_schedule
+from ldm.models.sdxl_conditioning import MicroConditioning
 from ldm.refiner import DEFAULT_SWITCH, RefinerHandover, check_compatible, check_switch, steps_before_switch
 from ldm.models.unet import UNetModel
-from ldm.upscaling import LowResAugmentation, LowResCondition, check_noise_level
+from ldm.sdxl_guidance import micro_conditioning_options, sdxl_guidance_inputs
+from ldm.starting_points import StartingPoints
+from ldm.upscaling import LowResCondition, check_colour_fix, check_noise_level
+from ldm.upscaling import colour_fix as apply_colour_fix
 from ldm.sampling.classifier_guidance import ClassifierGuidance, classifier_guided
 
 logger = logging.getLogger(__name__)
@@ -62,14 +63,12 @@ NATIVE_WEIGHTS = "model.safetensors"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 AUTO_TILING_PIXELS = 1024 * 1024  # decode in tiles above this image area (memory, not quality)
-MAX_IMAGES_PER_CALL = 10_000  # a sanity limit on num_images (and prompt lists): beyond it, a typo
-MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes [0, 2**64) (it wraps negative seeds around)
 ProgressFn = Callable[[int, int], None]  # (steps done, total steps)
 PreviewFn = Callable[[torch.Tensor], None]  # (denoised estimate x0 [B, C, h, w] after a step)
 InterruptFn = Callable[[], bool]  # polled after each step: True stops the sampler there
 
 
-class Txt2ImgPipeline:
+class Txt2ImgPipeline(StartingPoints):
     """Stable-Diffusion-style text-to-image generation.
 
     Example::
@@ -89,15 +88,18 @@ class Txt2ImgPipeline:
     # ------------------------------------------------------------------ construction
 
     def replace_config_sections(self, sections: dict, *, source: str = "config") -> None:
-        """Replace keys of the ``schedule`` and/or ``sampling`` sections (the weights stay), e.g.
-        ``{"schedule": {"prediction": "v"}}`` before fine-tuning an eps model into a v model.
+        """Replace keys of the ``schedule``, ``sampling`` and/or (super-resolution models) ``upscale``
+        sections (the weights stay), e.g. ``{"schedule": {"prediction": "v"}}`` before fine-tuning an eps
+        model into a v model.
 
         Raises:
             ConfigError: for other sections, unknown keys or invalid values.
         """
-        other = sorted(set(sections) - {"schedule", "sampling"})
+        other = sorted(set(sections) - {"schedule", "sampling", "upscale"})
         if other:
-            raise ConfigError(f"{source}: only schedule and sampling can be replaced, not {other[0]!r}")
+            raise ConfigError(f"{source}: only schedule, sampling and upscale can be replaced, not {other[0]!r}")
+        if "upscale" in sections and not self.config.is_upscaler:
+            raise ConfigError(f"{source}: upscale settings need a super-resolution model")
         merged = self.config.to_dict()
         for name, values in sections.items():
             merged[name] = {**merged[name], **(values or {})}
@@ -125,7 +127,7 @@ class Txt2ImgPipeline:
             CheckpointError: the path is missing, not a model, corrupt, or cannot be downloaded.
             DeviceError / ArgumentError: ``device`` is unknown or absent here, ``dtype`` is no torch dtype.
         """
-        _check_placement(device, dtype)
+        check_placement(device, dtype)
         if path is not None and Path(path).expanduser().is_file():
             return cls.from_single_file(Path(path).expanduser(), device=device, dtype=dtype)
         folder = _resolve_model_path(path)
@@ -168,7 +170,7 @@ class Txt2ImgPipeline:
             CheckpointError / ConfigError: one-line messages (see :mod:`ldm.formats.single_file`).
             DeviceError / ArgumentError: ``device`` is unknown or absent here, ``dtype`` is no torch dtype.
         """
-        _check_placement(device, dtype)
+        check_placement(device, dtype)
         checkpoint = read_single_file(path, config, prediction=prediction, vae=vae, ema=ema)
         pipe = cls._from_parts(checkpoint.config, checkpoint.parts, source=str(path))
         return pipe.to(device, dtype)
@@ -240,7 +242,7 @@ class Txt2ImgPipeline:
         and feeds their inputs channels-last (faster for bfloat16 on CPUs, see :mod:`ldm.hardware`).
         Raises :class:`~ldm.errors.DeviceError` for a device this machine lacks (``cuda`` without a GPU).
         """
-        _check_placement(device, dtype)
+        check_placement(device, dtype)
         for name in checkpoints.COMPONENT_PREFIXES:
             getattr(self, name).to(device=device, dtype=dtype)
         if memory_format is not None:
@@ -306,30 +308,6 @@ class Txt2ImgPipeline:
             return cond, uncond
         contexts = contexts.to(self.dtype)
         return contexts[:len(prompts)], (contexts[len(prompts):] if negatives else None)
-
-    @torch.no_grad()
-    def sdxl_conditioning(self, prompts: list[str], negatives: list[str] | None, options,
-                          micro: MicroConditioning) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """SDXL's guidance inputs of one batch: ``(cond [B, chunks * L, D], uncond or None, y)``, with ``y``
-        the U-Net's vectors for one denoiser call, ``[uncond; cond]`` rows ``[2B, adm_in_channels]`` under
-        guidance, else ``[B, adm_in_channels]`` (pooled text embedding + micro-conditioning). An empty
-        negative prompt is zero conditioning when the model says so (``force_zeros_for_empty_prompt``)."""
-        texts = prompts + (negatives or [])
-        if any(len(prompt_schedule(text, options.steps)) > 1 for text in texts):
-            raise ArgumentError("prompt editing [a:b:when] and alternation [a|b] are not supported for SDXL models yet")
-        contexts, pooled = encode_prompts(self.text_encoder, texts, clip_skip=options.clip_skip, pooled=True)
-        count, settings = len(prompts), self.config.sdxl
-        if negatives and settings.force_zeros_for_empty_prompt:  # per row, so batching never changes an image
-            for row in [count + i for i, text in enumerate(negatives) if text == ""]:
-                contexts[row], pooled[row] = 0, 0
-        numbers = micro_conditioning_count(self.config.unet, self.text_encoder.pooled_dim)
-        cond_ids = micro.time_ids(options.height, options.width, numbers, settings.aesthetic_score)
-        y = conditioning_vector(pooled[:count], cond_ids)
-        if negatives:
-            uncond_ids = micro.time_ids(options.height, options.width, numbers, settings.negative_aesthetic_score)
-            y = torch.cat([conditioning_vector(pooled[count:], uncond_ids), y])
-        contexts = contexts.to(self.dtype)
-        return contexts[:count], (contexts[count:] if negatives else None), y.to(self.dtype)
 
     @torch.no_grad()
     def encode_prompt(self, prompts: Sequence[str], *, clip_skip: int = 1) -> torch.Tensor:
@@ -463,18 +441,18 @@ class Txt2ImgPipeline:
             ArgumentError / ConfigError / ImageInputError (all ``ValueError``): an argument of the wrong
             type or out of range (a prompt that is not text, a seed outside [0, 2**64), a NaN scale).
         """
-        _check_call_arguments(prompt, negative_prompt, seed, num_images,
+        check_call_arguments(prompt, negative_prompt, seed, num_images,
                               integers={"steps": steps, "height": height, "width": width, "hires_steps": hires_steps,
                                         "only_masked_padding": only_masked_padding},
                               reals={"strength": strength, "mask_blur": mask_blur, "hires_scale": hires_scale,
                                      "hires_strength": hires_strength, "subseed_strength": subseed_strength})
         classifier = self.classifier_options(classifier_guidance, classifier_scale)
-        micro = self.micro_conditioning(original_size, crop_top_left, target_size)
+        micro = micro_conditioning_options(self.config, original_size, crop_top_left, target_size)
         if self.config.is_upscaler:
             raise ArgumentError("this is a super-resolution model: it needs a small image to enlarge "
                                 "(pipe.upscale(image, prompt), scripts/upscale.py)")
         if subseed is not None:
-            _check_seed(subseed, num_images if isinstance(prompt, str) else len(prompt), name="subseed")
+            check_seed(subseed, num_images if isinstance(prompt, str) else len(prompt), name="subseed")
             if not 0 <= subseed_strength <= 1:
                 raise ArgumentError(f"subseed_strength must be in [0, 1], got {subseed_strength}")
         original_image, region = image, None
@@ -486,13 +464,14 @@ class Txt2ImgPipeline:
                                         signal_leak=signal_leak, seed_resize_from=seed_resize_from,
                                         clip_skip=clip_skip)
         if only_masked:
-            full_mask, region = self.only_masked_crop(image, mask_image, only_masked_padding, options)
+            full_mask, region = only_masked_crop(image, mask_image, only_masked_padding, options)
             image, mask_image = image.crop(region), full_mask.crop(region)
-        condition = self.image_condition(image, mask_image, strength, options)
-        hires = self.hires_options(hires_scale, hires_strength, hires_upscaler, hires_steps, options, condition)
+        condition = image_condition(image, mask_image, strength, options, inpainting_model=self.is_inpainting_model)
+        hires = hires_options(hires_scale, hires_strength, hires_upscaler, hires_steps, options, condition,
+                              downsample_factor=self.vae.downsample_factor)
         handover = self.refiner_handover(refiner, refiner_switch, condition, hires)
         decoder = self if handover is None else handover.pipe  # diffusers decodes with the refiner's VAE
-        prompts, negatives = _expand_prompts(prompt, negative_prompt, num_images)
+        prompts, negatives = expand_prompts(prompt, negative_prompt, num_images)
         seeds = [seed + i for i in range(len(prompts))]
         steps_run = options.steps - (steps_to_skip(options.steps, condition.strength) if condition else 0)
         if hires is not None:
@@ -513,10 +492,11 @@ class Txt2ImgPipeline:
             if hires is not None and not (interrupt is not None and interrupt()):
                 first_pass = options.steps
                 report = (lambda done, d=done_before: progress(d + first_pass + done, total_steps)) if progress else None
-                z = self._generate(*batch, hires, report, self.hires_condition(z, hires, hires_upscaler,
-                                                                              hires_strength, vae_tiling), variation,
-                                   preview=preview, interrupt=interrupt, hires_base_steps=options.steps, **classifier,
-                                   **micro)
+                second_start = hires_condition(z, hires, hires_upscaler, hires_strength,
+                                               decode=functools.partial(self.decode, tiled=vae_tiling),
+                                               downsample_factor=self.vae.downsample_factor)
+                z = self._generate(*batch, hires, report, second_start, variation, preview=preview,
+                                   interrupt=interrupt, hires_base_steps=options.steps, **classifier, **micro)
             images.append(decoder.decode(z, tiled=vae_tiling))
             if interrupt is not None and interrupt():
                 break
@@ -525,7 +505,7 @@ class Txt2ImgPipeline:
             return images if output_type == "pt" else to_pil(images)
         if only_masked:
             image, mask_image = original_image, full_mask
-        pasted = self.paste_back(images, image, mask_image, mask_blur, region)
+        pasted = paste_back_results(images, image, mask_image, mask_blur, region)
         return pasted if output_type != "pt" else torch.stack([pil_to_tensor(p) for p in pasted])
 
     @torch.no_grad()
@@ -545,6 +525,7 @@ class Txt2ImgPipeline:
         progress: ProgressFn | None = None,
         output_type: str = "pil",
         vae_tiling: bool | None = None,
+        colour_fix: float | None = None,
     ) -> list[Image.Image] | torch.Tensor:
         """Super-resolution with a super-resolution model (SD's x4 upscaler or the default cascade's stage):
         each image comes back ``vae.downsample_factor`` times larger, its detail drawn by diffusion
@@ -561,9 +542,13 @@ class Txt2ImgPipeline:
                 (20, as diffusers). Higher hides more of the input's artefacts and invents more.
             steps, guidance_scale, sampler, eta, karras: default to the model's ``config.sampling``.
             progress, output_type, vae_tiling: as in :meth:`__call__`.
+            colour_fix: keep the result's detail but take its content coarser than this Gaussian sigma
+                (output pixels) from the input (:func:`ldm.upscaling.colour_fix`); 0: off; default the
+                model's ``upscale.colour_fix`` (0 for SD's x4 upscaler, as diffusers).
 
         Raises:
-            ArgumentError / ImageInputError: not a super-resolution model, a wrong image, level or prompt.
+            ArgumentError / ImageInputError: not a super-resolution model, a wrong image, level, colour fix or
+                prompt.
         """
         if not self.config.is_upscaler:
             raise ArgumentError("this model is not a super-resolution model (its config has no upscale section); "
@@ -575,14 +560,16 @@ class Txt2ImgPipeline:
         negatives = [negative_prompt] * len(images) if isinstance(negative_prompt, str) else list(negative_prompt)
         if not len(prompts) == len(negatives) == len(images):
             raise ArgumentError(f"{len(images)} images need one prompt (and negative prompt) each or a single one")
-        _check_call_arguments(prompts, negatives, seed, len(images), integers={"steps": steps}, reals={})
+        check_call_arguments(prompts, negatives, seed, len(images), integers={"steps": steps}, reals={})
         level = self.config.upscale.noise_level if noise_level is None else noise_level
+        sigma = self.config.upscale.colour_fix if colour_fix is None else colour_fix
         try:
             check_noise_level(level, self.config.upscale.max_noise_level)
+            check_colour_fix(sigma)
         except ValueError as error:
             raise ArgumentError(str(error)) from None
         f = self.vae.downsample_factor
-        self._check_low_res_sizes(images, output_type)
+        check_low_res_sizes(images, output_type, 2 ** (self.config.unet.num_levels - 1))
         results = []
         for i, small in enumerate(images):
             width, height = small.size
@@ -593,31 +580,20 @@ class Txt2ImgPipeline:
                 if progress else None
             condition = LowResCondition(image_to_tensor(small, width, height), level)
             z = self._generate([prompts[i]], [negatives[i]], [seed + i], options, done, low_res=condition)
-            results.append(self.decode(z, tiled=vae_tiling))
+            results.append(apply_colour_fix(self.decode(z, tiled=vae_tiling), condition.images, sigma))
         if output_type == "pt":
             return torch.cat(results)
         return [image for result in results for image in to_pil(result)]
 
-    def micro_conditioning(self, original_size, crop_top_left, target_size) -> dict:
-        """The ``_generate`` keyword of SDXL's micro-conditioning, checked (``{}`` for other models)."""
-        if not self.config.is_sdxl:
-            if original_size is not None or target_size is not None or crop_top_left not in ((0, 0), [0, 0]):
-                raise ArgumentError("original_size, crop_top_left and target_size are for SDXL models")
-            return {}
-        try:
-            return {"micro": MicroConditioning(original_size, crop_top_left, target_size)}
-        except ValueError as error:
-            raise ArgumentError(str(error)) from None
-
     def refiner_handover(self, refiner, switch, condition: ImageCondition | None,
-                         hires: SamplingDefaults | None) -> RefinerHandover | None:
+                         hires: SamplingOptions | None) -> RefinerHandover | None:
         """The checked refiner of a call and its switch (default :data:`ldm.refiner.DEFAULT_SWITCH`), or ``None``."""
         if refiner is None:
             if switch is not None:
                 raise ArgumentError("refiner_switch needs a refiner")
             return None
         if not isinstance(refiner, Txt2ImgPipeline):
-            raise ArgumentError(f"refiner must be a Txt2ImgPipeline, got {_describe(refiner)}")
+            raise ArgumentError(f"refiner must be a Txt2ImgPipeline, got {describe(refiner)}")
         switch = check_switch(DEFAULT_SWITCH if switch is None else switch)
         if condition is not None and condition.mask is not None:
             raise ArgumentError("a refiner does not work with inpainting here yet (run it on the result as img2img)")
@@ -630,92 +606,18 @@ class Txt2ImgPipeline:
 
     def classifier_options(self, guidance: ClassifierGuidance | None, scale) -> dict:
         """The ``_generate`` keywords of classifier guidance, checked (``{}`` when it is off)."""
-        _check_finite("classifier_scale", scale)
+        check_finite("classifier_scale", scale)
         if guidance is None:
             if scale:
                 raise ArgumentError("classifier_scale needs classifier_guidance (a classifier and the class to draw)")
             return {}
         if not isinstance(guidance, ClassifierGuidance):
-            raise ArgumentError(f"classifier_guidance must be a ClassifierGuidance, got {_describe(guidance)}")
+            raise ArgumentError(f"classifier_guidance must be a ClassifierGuidance, got {describe(guidance)}")
         channels = guidance.classifier.config.in_channels
         if channels != self.config.vae.latent_channels:
             raise ArgumentError(f"the classifier reads {channels}-channel latents, this model has "
                                 f"{self.config.vae.latent_channels}")
         return {"classifier_guidance": guidance, "classifier_scale": float(scale)} if scale else {}
-
-    def _check_low_res_sizes(self, images: list[Image.Image], output_type: str) -> None:
-        """Every image's sides are multiples of the U-Net's downsampling (checked before any sampling); one
-        tensor output needs one size."""
-        factor = 2 ** (self.config.unet.num_levels - 1)
-        for image in images:
-            width, height = image.size
-            if height % factor or width % factor:
-                raise ImageInputError(f"the image to upscale is {width}x{height}; its sides must be multiples "
-                                      f"of {factor}")
-        if output_type == "pt" and len({image.size for image in images}) > 1:
-            raise ArgumentError("output_type='pt' needs images of one size (PIL output takes any sizes)")
-
-    @staticmethod
-    def only_masked_crop(image: Image.Image | None, mask_image: Image.Image | None, padding: int,
-                         options) -> tuple[Image.Image, tuple[int, int, int, int]]:
-        """"Only masked": the mask at the image's size and the box to work on (see :func:`only_masked_region`)."""
-        if image is None or mask_image is None:
-            raise ImageInputError("only_masked needs an image and a mask_image")
-        check_mask(mask_image, image)
-        mask_image = mask_at_size(mask_image, image.size)
-        return mask_image, only_masked_region(mask_image, padding, options.width, options.height)
-
-    @staticmethod
-    def paste_back(images: torch.Tensor, image: Image.Image, mask_image: Image.Image, mask_blur: float,
-                   region: tuple[int, int, int, int] | None) -> list[Image.Image]:
-        """Generated ``images [B, 3, H, W]`` composited over ``image`` with the blurred mask, in uint8 so that
-        pixels outside the mask are the input's exactly; ``region``: where an only-masked crop goes."""
-        soft_mask = blur_mask(mask_at_size(mask_image, image.size), mask_blur)
-        return [paste_into(image, generated, soft_mask, region) for generated in to_pil(images)]
-
-    def image_condition(self, image: Image.Image | None, mask_image: Image.Image | None,
-                        strength: float | None, options) -> ImageCondition | None:
-        """The img2img / inpainting inputs at the generation size (``None`` for txt2img)."""
-        if image is None:
-            if mask_image is not None or strength is not None:
-                raise ImageInputError("mask_image and strength need an image")
-            return None
-        strength = (1.0 if mask_image is not None else 0.75) if strength is None else strength
-        steps_to_skip(options.steps, strength)  # validates strength
-        if self.is_inpainting_model and mask_image is None:
-            raise ImageInputError("this is an inpainting model: it needs a mask_image")
-        tensor = image_to_tensor(image, options.width, options.height)
-        if mask_image is None:
-            return ImageCondition(tensor, strength)
-        check_mask(mask_image, image)
-        return ImageCondition(tensor, strength, mask_to_tensor(mask_image, options.width, options.height))
-
-    def hires_options(self, scale: float | None, strength: float, upscaler: str, steps: int | None, options,
-                      condition: ImageCondition | None) -> SamplingDefaults | None:
-        """The second pass's sampling options (size scaled, rounded down to the VAE's factor), or ``None``."""
-        if scale is None:
-            return None
-        if condition is not None:
-            raise ImageInputError("the hires fix is for text-to-image; img2img a larger image instead")
-        if scale <= 1:
-            raise ImageInputError(f"hires_scale must be > 1, got {scale:g}")
-        if upscaler not in HIRES_UPSCALERS:
-            raise ImageInputError(f"hires_upscaler must be one of {', '.join(HIRES_UPSCALERS)}, got {upscaler!r}")
-        multiple = max(8, self.vae.downsample_factor)
-        hires = replace(options, height=int(options.height * scale) // multiple * multiple,
-                        width=int(options.width * scale) // multiple * multiple, steps=steps or options.steps)
-        steps_to_skip(hires.steps, strength)  # validates strength
-        validate_sampling_options(hires, self.vae.downsample_factor)
-        return hires
-
-    def hires_condition(self, z: torch.Tensor, hires: SamplingDefaults, upscaler: str, strength: float,
-                        vae_tiling: bool | None) -> ImageCondition:
-        """First-pass latents ``z [B, C, h, w]`` -> the second pass's img2img start."""
-        f = self.vae.downsample_factor
-        if upscaler == "latent":
-            return ImageCondition(None, strength, latents=upscale_latents(z, hires.height // f, hires.width // f))
-        images = upscale_images(self.decode(z, tiled=vae_tiling), hires.height, hires.width)
-        return ImageCondition(images, strength)
 
     @property
     def is_inpainting_model(self) -> bool:
@@ -781,8 +683,9 @@ class Txt2ImgPipeline:
         # Prompts and negative prompts encoded together: padded to the same number of chunks, as AUTOMATIC1111 does.
         guided = options.guidance_scale != 1
         if self.config.is_sdxl:
-            context, uncond_context, vectors = self.sdxl_conditioning(prompts, negatives if guided else None,
-                                                                      options, micro or MicroConditioning())
+            context, uncond_context, vectors = sdxl_guidance_inputs(self.text_encoder, self.config, prompts,
+                                                                    negatives if guided else None, options,
+                                                                    micro or MicroConditioning(), self.dtype)
             model = functools.partial(model, y=vectors)  # the U-Net's vector rides along with the context
         else:
             context, uncond_context = self.conditioning(prompts, negatives if guided else None, options,
@@ -797,64 +700,9 @@ class Txt2ImgPipeline:
         sampler_options = {"eta": options.eta} if "eta" in spec.options else {}
         return spec.fn(denoise, x, sigmas, generator=generators, callback=callback, **sampler_options)
 
-    def image_start(self, condition: ImageCondition, generators: list[torch.Generator], sigmas: torch.Tensor,
-                    options, variation: Variation | None = None) -> tuple[torch.Tensor, Callable, Callable | None]:
-        """img2img / inpainting: the starting point, the U-Net function and the per-step put-back.
-
-        Draws from each row's generator in diffusers' order: the image's posterior sample (unless an
-        inpainting U-Net starts from pure noise), the noise, then the masked image's posterior sample
-        (inpainting U-Nets). Returns ``(x [B, C, h, w] at sigmas[0], model(x, t, context), put_back)``;
-        ``put_back(i, x)`` (ordinary models with a mask) replaces the known region after step ``i``
-        by the image's latents noised to ``sigmas[i + 1]`` (clean after the last step).
-        """
-        inpainting_model = self.is_inpainting_model
-        if condition.latents is not None:
-            image_latents = condition.latents.to(self.device, torch.float32)
-        elif not (inpainting_model and condition.starts_from_noise):
-            image_latents = self.encode_rows(condition.image.to(self.device, self.vae_dtype), generators)
-        else:
-            image_latents = None
-        noise = self.initial_noise(generators, options.height, options.width, variation, options.seed_resize_from)
-        if condition.starts_from_noise:
-            x = self.starting_point_from_noise(noise, generators, sigmas, options)
-        else:
-            x = image_latents + float(sigmas[0]) * noise  # x_sigma = x0 + sigma * eps on the sigma scale
-        if condition.mask is None:
-            return x, self.unet_prediction, None
-        mask = latent_mask(condition.mask, self.vae.downsample_factor).to(self.device)
-        if inpainting_model:
-            masked_latents = self.encode_rows(condition.masked_image.to(self.device, self.vae_dtype), generators)
-            extra = torch.cat([mask.expand(len(generators), -1, -1, -1), masked_latents], dim=1)
-
-            def model(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None):
-                # [noisy latents, mask, masked-image latents]: the SD inpainting U-Net's 9 channels
-                return self.unet_prediction(torch.cat([x, extra.repeat(x.shape[0] // extra.shape[0], 1, 1, 1)], 1),
-                                            t, context, y=y)
-
-            return x, model, None
-        last = len(sigmas) - 2
-
-        def put_back(i: int, x: torch.Tensor) -> torch.Tensor:
-            if i < last:
-                known = image_latents + float(sigmas[i + 1]) * noise
-            else:  # clean, on the chain's final scale (DDIM ends at sigma_min > 0: see final_latents)
-                known = image_latents * math.sqrt(1 + float(sigmas[-1]) ** 2)
-            return (1 - mask) * known + mask * x
-
-        return x, self.unet_prediction, put_back
-
     @property
     def vae_dtype(self) -> torch.dtype:
         return next(self.vae.parameters()).dtype
-
-    def encode_rows(self, images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-        """``images [1 or B, 3, H, W]`` -> one posterior sample per generator, ``[B, C, h, w]`` float32 (scaled).
-
-        Row ``i`` encodes ``images[i]`` (or the one image) with ``generators[i]``, as diffusers does per generator.
-        """
-        rows = [self.vae.encode_latents(images[i:i + 1] if len(images) > 1 else images, sample=True, generator=g)
-                for i, g in enumerate(generators)]
-        return torch.cat(rows).float()
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, *, tiled: bool | None = None) -> torch.Tensor:
@@ -880,88 +728,8 @@ class Txt2ImgPipeline:
         return self.unet(x.to(self.dtype, memory_format=self.memory_format), t, context.to(self.dtype),
                          class_labels=class_labels, y=y).float()
 
-    def upscale_start(self, low_res: LowResCondition, generators: list[torch.Generator], sigmas: torch.Tensor,
-                      options, variation: Variation | None = None) -> tuple[torch.Tensor, Callable, None]:
-        """Super-resolution: the starting point and the U-Net function that sees the small image.
-
-        Draws from each row's generator in diffusers' StableDiffusionUpscalePipeline order: the
-        augmentation noise of the small image, then the latents' noise. Returns ``(x [B, C, h, w] at
-        sigmas[0], model(x, t, context), None)``; ``model`` concatenates the noise-augmented small image
-        ``[B, 3, h, w]`` to the (already input-scaled) latents and passes the noise level as the class label.
-        """
-        images = low_res.images.to(self.device, torch.float32)
-        images = images.expand(len(generators), -1, -1, -1) if len(images) == 1 else images
-        noise = torch.cat([torch.randn((1, *images.shape[1:]), generator=g) for g in generators]).to(self.device)
-        levels = torch.full((len(generators),), low_res.noise_level, dtype=torch.long, device=self.device)
-        augmented = LowResAugmentation(self.config.upscale)(images, noise, levels)
-        x = self.starting_point(generators, sigmas, options, variation)
-
-        def model(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-            copies = x.shape[0] // augmented.shape[0]  # 2 under classifier-free guidance
-            return self.unet_prediction(torch.cat([x, augmented.repeat(copies, 1, 1, 1)], 1), t, context,
-                                        class_labels=levels.repeat(copies))
-
-        return x, model, None
-
-    def starting_point(self, generators: list[torch.Generator], sigmas: torch.Tensor, options,
-                       variation: Variation | None = None) -> torch.Tensor:
-        """``x [B, C, h, w]`` at ``sigmas[0]`` on the sigma scale: scaled noise, plus the signal leak if any."""
-        noise = self.initial_noise(generators, options.height, options.width, variation, options.seed_resize_from)
-        return self.starting_point_from_noise(noise, generators, sigmas, options)
-
-    def starting_point_from_noise(self, noise: torch.Tensor, generators: list[torch.Generator], sigmas: torch.Tensor,
-                                  options) -> torch.Tensor:
-        """Unit ``noise [B, C, h, w]`` -> the txt2img starting point (the leak draws after the noise)."""
-        x = initial_latents(noise, sigmas, sampler=options.sampler,
-                            timestep_spacing=self.config.schedule.timestep_spacing)
-        if options.signal_leak is not None:
-            x = x + SignalLeak.from_dict(options.signal_leak).sample(generators).to(x.device)[:, :, None, None]
-        return x
-
-    @torch.no_grad()
-    def diffusers_latents(self, seed: int = 0, num_images: int = 1, **options) -> torch.Tensor:
-        """The ``latents`` argument that makes diffusers' StableDiffusionPipeline start where we do.
-
-        diffusers multiplies given latents by its scheduler's ``init_noise_sigma``; this returns our
-        starting point (signal leak included) divided by that same factor, ``[num_images, C, h, w]``.
-        ``options`` are :meth:`sampling_options` keywords (``sampler``, ``steps``, ``height``, ...).
-        """
-        _check_integer("num_images", num_images, 1, MAX_IMAGES_PER_CALL)
-        _check_seed(seed, num_images)
-        options = self.sampling_options(**options)
-        sigmas = self.schedule.sampling_sigmas(options.steps, sampler=options.sampler, schedule=options.schedule)
-        generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(num_images)]
-        scale = initial_latents(torch.ones(()), sigmas, sampler=options.sampler,
-                                timestep_spacing=self.config.schedule.timestep_spacing)
-        return self.starting_point(generators, sigmas, options) / scale
-
-    def initial_noise(self, generators: list[torch.Generator], height: int, width: int,
-                      variation: Variation | None = None, seed_resize_from: tuple[int, int] | None = None
-                      ) -> torch.Tensor:
-        """Unit Gaussian noise ``[B, C, H/f, W/f]``, row ``i`` drawn from ``generators[i]`` on the CPU;
-        with a ``variation``, row ``i`` is slerped towards the noise of its variation seed.
-
-        ``seed_resize_from=(height, width)`` (pixels; AUTOMATIC1111's "Resize seed from"): each seed's
-        noise is also drawn at that size (and slerped there), then pasted, centred, into its noise at
-        this size, so an image keeps much of the composition its seed gave at the old size.
-        """
-        f = self.vae.downsample_factor
-        shape = (self.config.vae.latent_channels, height // f, width // f)
-        rows = [torch.randn((1, *shape), generator=g, dtype=torch.float32) for g in generators]
-        old_shape = shape if seed_resize_from is None else (shape[0], seed_resize_from[0] // f,
-                                                             seed_resize_from[1] // f)
-        if old_shape != shape:
-            olds = [torch.randn((1, *old_shape), generator=torch.Generator("cpu").manual_seed(g.initial_seed()),
-                                dtype=torch.float32) for g in generators]
-            if variation is not None:
-                olds = [variation.mix(old, i) for i, old in enumerate(olds)]
-            rows = [_paste_centred(old, row) for old, row in zip(olds, rows)]
-        elif variation is not None:
-            rows = [variation.mix(row, i) for i, row in enumerate(rows)]
-        return torch.cat(rows).to(self.device)
-
     def sampling_options(self, *, signal_leak: bool | None = None, schedule: str | None = None,
-                         seed_resize_from: tuple[int, int] | None = None, **overrides) -> "SamplingOptions":
+                         seed_resize_from: tuple[int, int] | None = None, **overrides) -> SamplingOptions:
         """The model's ``config.sampling`` with the given non-``None`` overrides, validated, plus the schedule.
 
         ``signal_leak=False`` drops the model's signal-leak statistics (start from pure noise);
@@ -969,25 +737,10 @@ class Txt2ImgPipeline:
         see :meth:`__call__`.
 
         Raises:
-            ConfigError: for options no sampler can use (see :func:`validate_sampling_options`).
+            ConfigError: for options no sampler can use (see :func:`ldm.sampling_options.validate_sampling_options`).
         """
-        if isinstance(overrides.get("sampler"), str) and overrides["sampler"] not in SAMPLERS:
-            try:  # AUTOMATIC1111's name ("DPM++ 2M SDE"); an unknown one is refused below
-                overrides["sampler"] = resolve_sampler_name(overrides["sampler"])
-            except ValueError:
-                pass
-        options = replace(self.config.sampling, **{k: v for k, v in overrides.items() if v is not None})
-        options = SamplingOptions(**dataclasses.asdict(options),
-                                  schedule=_schedule_for(schedule, options, karras_given=overrides.get("karras")))
-        options = replace(options, karras=options.schedule == "karras",
-                          seed_resize_from=_checked_size("seed_resize_from", seed_resize_from, self.vae.downsample_factor))
-        if signal_leak is False:
-            options = replace(options, signal_leak=None)
-        elif signal_leak and options.signal_leak is None:
-            raise ConfigError("this model has no signal-leak statistics (sampling.signal_leak in its config.yaml; "
-                              "scripts/fit_signal_leak.py writes them)")
-        validate_sampling_options(options, self.vae.downsample_factor)
-        return options
+        return build_sampling_options(self.config.sampling, self.vae.downsample_factor, signal_leak=signal_leak,
+                                      schedule=schedule, seed_resize_from=seed_resize_from, **overrides)
 
 
 class _Interrupted(Exception):
@@ -996,167 +749,6 @@ class _Interrupted(Exception):
     def __init__(self, x0: torch.Tensor) -> None:
         super().__init__("interrupted")
         self.x0 = x0
-
-
-@dataclasses.dataclass
-class SamplingOptions(SamplingDefaults):
-    """One call's sampling options: the model's ``config.sampling`` with the call's overrides, plus the
-    schedule type (a name of :data:`ldm.sampling.registry.SCHEDULE_NAMES`; ``karras`` mirrors ``"karras"``)."""
-
-    schedule: str = "default"
-    seed_resize_from: tuple[int, int] | None = None  # (height, width) in pixels: see Txt2ImgPipeline.initial_noise
-
-
-def _checked_size(name: str, size, factor: int) -> tuple[int, int] | None:
-    """``size`` as ``(height, width)`` of positive integers at least ``factor`` pixels, or ``None``."""
-    if size is None:
-        return None
-    if (not isinstance(size, Sequence) or len(size) != 2 or
-            not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= factor for v in size)):
-        raise ArgumentError(f"{name} must be (height, width) in pixels, each at least {factor}, got {size!r}")
-    return int(size[0]), int(size[1])
-
-
-def _paste_centred(old: torch.Tensor, canvas: torch.Tensor) -> torch.Tensor:
-    """``old [1, C, h, w]`` pasted into a copy of ``canvas [1, C, H, W]``, centres aligned, cropped where it
-    is larger, with the web UI's arithmetic (an odd surplus of ``old`` loses one more row or column)."""
-    (old_h, old_w), (new_h, new_w) = old.shape[-2:], canvas.shape[-2:]
-    dy, dx = (new_h - old_h) // 2, (new_w - old_w) // 2
-    h, w = (old_h if dy >= 0 else old_h + 2 * dy), (old_w if dx >= 0 else old_w + 2 * dx)
-    out = canvas.clone()
-    out[..., max(dy, 0):max(dy, 0) + h, max(dx, 0):max(dx, 0) + w] = \
-        old[..., max(-dy, 0):max(-dy, 0) + h, max(-dx, 0):max(-dx, 0) + w]
-    return out
-
-
-def _schedule_for(schedule: str | None, options: SamplingDefaults, *, karras_given: bool | None) -> str:
-    """Our schedule name for a call's ``schedule`` (ours or AUTOMATIC1111's label, "Automatic" resolved
-    for ``options.sampler``); ``None``: the model's ``karras`` flag. ``ConfigError`` for an unknown name,
-    or one that contradicts an explicit ``karras=True``."""
-    if schedule is None:
-        return "karras" if options.karras else "default"
-    try:
-        name = resolve_schedule_name(schedule, options.sampler if options.sampler in SAMPLERS else None)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    if karras_given and name != "karras":
-        raise ConfigError(f"karras=True contradicts schedule {schedule!r}")
-    return name
-
-
-def validate_sampling_options(options, downsample_factor: int = 8) -> None:
-    """Raise ``ConfigError`` with a one-line message for options no sampler can use."""
-    if options.sampler not in SAMPLERS:
-        raise ConfigError(f"unknown sampler {options.sampler!r} (choose from {', '.join(SAMPLERS)})")
-    if int(options.steps) < 1:
-        raise ConfigError(f"steps must be at least 1, got {options.steps}")
-    if SAMPLERS[options.sampler].discretisation == "lcm" and options.steps > LCM_ORIGINAL_STEPS:
-        raise ConfigError(f"the LCM sampler takes at most {LCM_ORIGINAL_STEPS} steps (its distillation grid), "
-                          f"got {options.steps}")
-    for name in ("height", "width"):
-        value = getattr(options, name)
-        if value < downsample_factor or value % 8 or value % downsample_factor:
-            raise ConfigError(f"{name} must be a positive multiple of {max(8, downsample_factor)}, got {value}")
-    for name in ("guidance_scale", "eta"):
-        value = getattr(options, name)
-        if not _is_finite_number(value):
-            raise ConfigError(f"{name} must be a finite number, got {value!r}")
-    if options.eta < 0:
-        raise ConfigError(f"eta must be >= 0, got {options.eta}")
-    if not isinstance(options.clip_skip, int) or isinstance(options.clip_skip, bool) or options.clip_skip < 1:
-        raise ConfigError(f"clip_skip must be an integer >= 1, got {options.clip_skip!r}")
-
-
-def _is_finite_number(value) -> bool:
-    """A real number (not a bool) that is neither NaN nor infinite."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_finite(name: str, value) -> None:
-    """:class:`ArgumentError` naming ``name`` unless ``value`` is a finite real number."""
-    if not _is_finite_number(value):
-        raise ArgumentError(f"{name} must be a finite number, got {value!r}")
-
-
-def _check_integer(name: str, value, minimum: int | None = None, maximum: int | None = None) -> None:
-    """:class:`ArgumentError` naming ``name`` unless ``value`` is an integer (not a bool) in [minimum, maximum]."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-        raise ArgumentError(f"{name} must be an integer, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ArgumentError(f"{name} must be at least {minimum}, got {value}")
-    if maximum is not None and value > maximum:
-        raise ArgumentError(f"{name} must be at most {maximum}, got {value}")
-
-
-def _check_prompt(name: str, prompt) -> int | None:
-    """:class:`ArgumentError` unless ``prompt`` is a string or a non-empty list of strings; the list's length."""
-    if isinstance(prompt, str):
-        return None
-    if not isinstance(prompt, Sequence) or not all(isinstance(item, str) for item in prompt):
-        raise ArgumentError(f"{name} must be a string or a list of strings, got {_describe(prompt)}")
-    if not 1 <= len(prompt) <= MAX_IMAGES_PER_CALL:
-        raise ArgumentError(f"{name} must hold 1 to {MAX_IMAGES_PER_CALL} strings, got {len(prompt)}")
-    return len(prompt)
-
-
-def _describe(value) -> str:
-    """A short description of a wrong-typed value for error messages: its repr, cut to one short line."""
-    text = repr(value)
-    return text if len(text) <= 60 else f"{text[:57]}... ({type(value).__name__})"
-
-
-def _check_seed(seed, count: int, name: str = "seed") -> None:
-    """:class:`ArgumentError` unless ``seed`` .. ``seed + count - 1`` are all seeds torch takes."""
-    _check_integer(name, seed, 0, MAX_SEED)
-    if seed + count - 1 > MAX_SEED:
-        raise ArgumentError(f"{name} {seed} with {count} images needs seeds up to {seed + count - 1}, "
-                            f"past the largest, 2**64 - 1")
-
-
-def _check_call_arguments(prompt, negative_prompt, seed, num_images, *, integers: dict, reals: dict) -> None:
-    """The type and range checks of :meth:`Txt2ImgPipeline.__call__` (``None`` values: the defaults)."""
-    count = _check_prompt("prompt", prompt)
-    _check_prompt("negative_prompt", negative_prompt)
-    _check_integer("num_images", num_images, 1, MAX_IMAGES_PER_CALL)
-    _check_seed(seed, count if count is not None else num_images)
-    for name, value in integers.items():
-        if value is not None:
-            _check_integer(name, value)
-    for name, value in reals.items():
-        if value is not None:
-            _check_finite(name, value)
-
-
-def _check_placement(device, dtype) -> None:
-    """:class:`~ldm.errors.DeviceError` for a device this machine lacks; :class:`ArgumentError` for a non-dtype."""
-    if device is not None:
-        check_device(device)
-    if dtype is not None and not isinstance(dtype, torch.dtype):
-        raise ArgumentError(f"dtype must be a torch.dtype such as torch.float16, got {dtype!r}")
-
-
-def _expand_prompts(prompt, negative_prompt, num_images: int) -> tuple[list[str], list[str]]:
-    if num_images < 1:
-        raise ConfigError(f"num_images must be at least 1, got {num_images}")
-    prompts = [prompt] * num_images if isinstance(prompt, str) else list(prompt)
-    if isinstance(negative_prompt, str):
-        negatives = [negative_prompt] * len(prompts)
-    else:
-        negatives = list(negative_prompt)
-        if len(negatives) != len(prompts):
-            raise ConfigError(f"got {len(prompts)} prompts but {len(negatives)} negative prompts")
-    return prompts, negatives
-
-
-def pil_to_tensor(image: Image.Image) -> torch.Tensor:
-    """An RGB PIL image -> ``[3, H, W]`` float32 in [0, 1]."""
-    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
-
-
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """``[B, 3, H, W]`` floats in [0, 1] -> list of 8-bit RGB PIL images (round to nearest)."""
-    array = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
-    return [Image.fromarray(a) for a in array]
 
 
 def _resolve_model_path(path: str | Path | None) -> Path:

@@ -85,7 +85,7 @@ def txt2img_body(**fields) -> dict:
 
 
 def test_interrupt_returns_the_decoded_estimate_of_the_step_it_stopped_at():
-    from ldm.pipeline import to_pil
+    from ldm.image_inputs import to_pil
 
     pipe = tiny_pipeline()
     estimates, steps_seen = [], []

@@ -317,6 +317,7 @@ def test_upscale_cli_writes_numbered_pngs_with_parameters(cli_inputs, tmp_path, 
     ("noise-too-high", "noise_level must be an integer in 0..350, got 351"),
     ("noise-negative", "--noise-level must be >= 0, got -1"),
     ("missing-image", "IMAGE file not found"),
+    ("colour-fix-negative", "--colour-fix must be a sigma in 0..64 output pixels, got -1"),
 ])
 def test_upscale_cli_bad_inputs_are_one_line_errors(cli_inputs, tmp_path, capsys, case, expected):
     _, root = cli_inputs
@@ -328,6 +329,8 @@ def test_upscale_cli_bad_inputs_are_one_line_errors(cli_inputs, tmp_path, capsys
         image = tmp_path / "odd.png"
     elif case == "missing-image":
         image = tmp_path / "nowhere.png"
+    elif case == "colour-fix-negative":
+        extra = ["--colour-fix", -1]
     else:
         extra = ["--noise-level", {"noise-too-high": 351, "noise-negative": -1}[case]]
     assert exit_code(image, "--model", model, "--steps", 1, "--outdir", tmp_path / "out", *extra) == 2
@@ -342,3 +345,42 @@ def exit_code(*argv) -> int:
         return run_cli(*argv)
     except SystemExit as exit_:
         return exit_.code
+
+
+def test_colour_fix_takes_coarse_content_from_the_input_and_keeps_detail():
+    from ldm.upscaling import colour_fix
+
+    small = torch.full((1, 3, 8, 8), -0.5)  # a flat grey input, [-1, 1]
+    detail = 0.1 * (torch.arange(32).view(1, 1, 1, 32) % 2 * 2 - 1).expand(1, 3, 32, 32)  # 1-px stripes
+    drifted = 0.8 + detail  # the output drew a brighter flat colour, with detail, [0, 1]
+    fixed = colour_fix(drifted, small, 3.0)
+    assert torch.equal(colour_fix(drifted, small, 0), drifted)
+    assert abs(float(fixed.mean()) - 0.25) < 1e-3  # the input's colour: (-0.5 + 1) / 2
+    stripes = fixed - fixed.mean()
+    assert float((stripes * detail).sum() / (detail * detail).sum()) > 0.95  # the stripes survive
+
+
+def test_upscale_colour_fix_is_applied_to_the_decoded_image(x4_folder, tmp_path):
+    from ldm.errors import ArgumentError, ConfigError
+    from ldm.image_inputs import image_to_tensor
+    from ldm.upscaling import colour_fix
+    from tests.conftest import tiny_pipeline
+
+    pipe, _ = x4_folder
+    plain = upscale_ours(pipe, "ddim")
+    fixed = pipe.upscale(small_image(), PROMPT, NEGATIVE, noise_level=NOISE_LEVEL, steps=4, guidance_scale=5.0,
+                         sampler="ddim", seed=3, output_type="pt", colour_fix=2.0)
+    assert torch.allclose(fixed, colour_fix(plain, image_to_tensor(small_image(), 16, 16), 2.0), atol=1e-6)
+    assert (fixed - plain).abs().max() > 1e-2
+    with pytest.raises(ArgumentError, match="colour_fix"):
+        pipe.upscale(small_image(), PROMPT, colour_fix=float("nan"), steps=1)
+    pipe.save_pretrained(tmp_path / "model")  # a model's own default: the upscale section of its config
+    loaded = Txt2ImgPipeline.from_pretrained(tmp_path / "model")
+    loaded.replace_config_sections({"upscale": {"colour_fix": 2.0}})
+    default = loaded.upscale(small_image(), PROMPT, NEGATIVE, noise_level=NOISE_LEVEL, steps=4, guidance_scale=5.0,
+                             sampler="ddim", seed=3, output_type="pt")
+    assert torch.allclose(default, fixed, atol=1e-5)
+    with pytest.raises(ConfigError, match="super-resolution"):
+        tiny_pipeline().replace_config_sections({"upscale": {"colour_fix": 2.0}})
+    with pytest.raises(ValueError, match="colour_fix"):
+        UpscaleConfig(colour_fix=-1.0)

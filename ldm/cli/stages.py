@@ -4,7 +4,7 @@ seeds and files.
 
 * ``--upscaler PATH`` runs a super-resolution model (``pipe.upscale``) on every base image; the default
   model's own 64 -> 256 stage (``ldm/toy/default_upscaler``) runs by default when ``--model`` is not
-  given, ``--base-only`` skips it. ``--upscale-steps`` and ``--upscale-noise-level`` tune it.
+  given, ``--base-only`` skips it. ``--upscale-steps``, ``--upscale-noise-level`` and ``--upscale-colour-fix`` tune it.
 * ``--classifier-scale S --class "red bicycle"`` guides the base model with a noise-aware classifier
   (``--classifier PATH``; default: the default model's ``ldm/toy/default_classifier``).
 * ``--refiner PATH --refiner-switch 0.8`` hands the base model's chain to an SDXL refiner at that fraction of
@@ -35,6 +35,9 @@ def add_stage_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--upscale-steps", type=int, help="steps of the super-resolution stage (default: its model's)")
     group.add_argument("--upscale-noise-level", type=int,
                        help="augmentation noise level of the super-resolution stage (default: its model's)")
+    group.add_argument("--upscale-colour-fix", type=finite_float, metavar="SIGMA",
+                       help="colour correction of the super-resolution stage: content coarser than this Gaussian "
+                       "sigma (output pixels) comes from the base image (0: off; default: its model's)")
     group.add_argument("--classifier-scale", type=finite_float, default=0.0,
                        help="classifier guidance strength (Dhariwal & Nichol 2021; default 0: off); needs --class")
     group.add_argument("--class", dest="target_class", metavar="TEXT",
@@ -56,6 +59,8 @@ def check_stage_arguments(parser: argparse.ArgumentParser, args: argparse.Namesp
         parser.error("--base-only and --upscaler exclude each other")
     if args.upscale_steps is not None and args.upscale_steps < 1:
         parser.error(f"--upscale-steps must be at least 1, got {args.upscale_steps}")
+    if args.upscale_colour_fix is not None and not 0 <= args.upscale_colour_fix <= 64:
+        parser.error(f"--upscale-colour-fix must be a sigma in 0..64 output pixels, got {args.upscale_colour_fix:g}")
     for flag, value in (("--upscaler", args.upscaler), ("--classifier", args.classifier)):
         if value is not None and not value.exists():
             parser.error(f"{flag} {value} does not exist")
@@ -122,7 +127,8 @@ class Stages:
         if self.upscaler is None:
             return images
         return self.upscaler.upscale(images, prompt, negative_prompt, seed=seed, steps=args.upscale_steps,
-                                     noise_level=args.upscale_noise_level, progress=progress)
+                                     noise_level=args.upscale_noise_level, colour_fix=args.upscale_colour_fix,
+                                     progress=progress)
 
     def upscale_steps(self, args: argparse.Namespace) -> int:
         return 0 if self.upscaler is None else args.upscale_steps or self.upscaler.config.sampling.steps
@@ -137,6 +143,9 @@ class Stages:
             fields["Noise level"] = self.upscaler.config.upscale.noise_level if level is None else level
             fields["Upscaled size"] = "x".join(str(side * self.upscaler.vae.downsample_factor)
                                                for side in (width, height))
+            sigma = self.upscaler.config.upscale.colour_fix if args.upscale_colour_fix is None else args.upscale_colour_fix
+            if sigma:
+                fields["Colour fix"] = f"{sigma:g}"
         if self.classifier_guidance is not None:
             fields["Classifier guidance"] = f"{args.target_class} x {args.classifier_scale:g}"
         if self.refiner is not None:  # the web UI's names for them (its Refiner is "name [hash]")

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from ldm.cli import OneLineErrorParser, finite_float, run_reporting_errors, sampler_name
 from ldm.cli.stages import DEFAULT_UPSCALER
-from ldm.cli.txt2img import (RANDOM_SEED, advance, check_outdir, check_text, first_seed, open_image, save_png,
-                             seed_argument)
+from ldm.cli.txt2img import advance, save_png
+from ldm.cli.txt2img_args import RANDOM_SEED, check_outdir, check_text, first_seed, open_image, seed_argument
 from ldm.hardware import DTYPE_NAMES
 from ldm.sampling.registry import SAMPLER_NAMES
 
@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--noise-level", type=int, help="augmentation noise added to the small image, 0 to the "
                         "model's maximum (350 for SD's x4): higher hides its flaws and invents more detail "
                         "(default: the model's, 20)")
+    parser.add_argument("--colour-fix", type=finite_float, metavar="SIGMA",
+                        help="take the result's content coarser than this Gaussian sigma (output pixels) from the "
+                        "input, keeping its detail: corrects colour drift (0: off; default: the model's, 0 for "
+                        "SD's x4, 3 for the default upscaler)")
     parser.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     parser.add_argument("--guidance-scale", "--scale", type=finite_float, dest="scale",
                         help="classifier-free guidance scale (default: the model's)")
@@ -77,6 +81,8 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error(f"--noise-level must be >= 0, got {args.noise_level}")
     if args.eta is not None and args.eta < 0:
         parser.error(f"--eta must be >= 0, got {args.eta}")
+    if args.colour_fix is not None and not 0 <= args.colour_fix <= 64:
+        parser.error(f"--colour-fix must be a sigma in 0..64 output pixels, got {args.colour_fix:g}")
     if args.model is None and not DEFAULT_UPSCALER.is_dir():
         parser.error("no default upscaler ships with this install yet; pass --model (a super-resolution model)")
     check_text(parser, "--prompt", args.prompt)
@@ -118,7 +124,7 @@ def upscale(args: argparse.Namespace, images: list) -> int:
             large = pipe.upscale(small, args.prompt, args.negative_prompt, noise_level=args.noise_level,
                                  steps=args.steps, guidance_scale=args.scale, sampler=args.sampler, seed=seed,
                                  eta=args.eta, karras=args.karras, vae_tiling=args.vae_tiling,
-                                 progress=lambda done, total: advance(bar, done, total))[0]
+                                 colour_fix=args.colour_fix, progress=lambda done, total: advance(bar, done, total))[0]
         print(save_png(large, args.outdir, str(seed), png_parameters(args, pipe, small, large, seed)), flush=True)
     return 0
 
@@ -133,6 +139,9 @@ def png_parameters(args: argparse.Namespace, pipe, small, large, seed: int) -> s
     noise_level = pipe.config.upscale.noise_level if args.noise_level is None else args.noise_level
     extra = {"Model": Path(args.model).name if args.model else DEFAULT_UPSCALER.name, "Noise level": noise_level,
              "Upscale input": f"{small.width}x{small.height}"}
+    colour_fix = pipe.config.upscale.colour_fix if args.colour_fix is None else args.colour_fix
+    if colour_fix:
+        extra["Colour fix"] = f"{colour_fix:g}"
     return a1111_parameters(args.prompt, args.negative_prompt, steps=options.steps, sampler=options.sampler,
                             guidance_scale=options.guidance_scale, seed=seed, width=large.width, height=large.height,
                             schedule=options.schedule, extra=extra)

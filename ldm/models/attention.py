@@ -59,7 +59,10 @@ def use_attention_backend(name: str) -> Iterator[None]:
 
 
 def _log_backend_once(name: str) -> None:
-    if name not in _logged_backends:
+    """Log the backend the first time it runs (not while torch.compile traces: logging would split its graph)."""
+    import torch
+
+    if name not in _logged_backends and not torch.compiler.is_compiling():
         _logged_backends.add(name)
         logger.info("attention backend: %s", name)
 

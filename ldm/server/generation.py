@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ldm.call_arguments import MAX_SEED
 from ldm.image_inputs import default_size
 from ldm.images import a1111_parameters
-from ldm.pipeline import MAX_SEED, Txt2ImgPipeline
+from ldm.pipeline import Txt2ImgPipeline
 from ldm.sampling.registry import AUTOMATIC, SAMPLER_INFO, resolve_sampler_name, resolve_schedule_name
 from ldm.server.catalogue import Catalogue, ModelEntry
 from ldm.server.limits import Limits, RequestError

@@ -27,7 +27,8 @@ from typing import Any, Callable
 import torch
 
 from ldm.errors import LdmError
-from ldm.pipeline import Txt2ImgPipeline, to_pil
+from ldm.image_inputs import to_pil
+from ldm.pipeline import Txt2ImgPipeline
 from ldm.server.catalogue import ModelEntry
 from ldm.server.limits import RequestError
 

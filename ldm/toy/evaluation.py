@@ -247,7 +247,7 @@ def vae_round_trip(vae, images: Sequence[Image.Image], *, batch_size: int = 32) 
 
 
 def generate_images(pipe, prompts: Sequence[EvalPrompt], options, *, batch_size: int = 16, upscaler=None,
-                    upscale_steps: int | None = None) -> list[Image.Image]:
+                    upscale_steps: int | None = None, upscale_colour_fix: float | None = None) -> list[Image.Image]:
     """Sample one image per prompt; prompt ``i`` uses its own ``seed``.
 
     ``options`` is a :class:`ldm.config.SamplingDefaults`. With ``batch_size`` 1 each image is
@@ -268,7 +268,7 @@ def generate_images(pipe, prompts: Sequence[EvalPrompt], options, *, batch_size:
         ))
         if upscaler is not None:
             images[start:] = upscaler.upscale(images[start:], [p.prompt for p in chunk], seed=chunk[0].seed,
-                                              steps=upscale_steps)
+                                              steps=upscale_steps, colour_fix=upscale_colour_fix)
         logger.info("generated %d/%d images", len(images), len(prompts))
     return images
 
@@ -293,6 +293,7 @@ class EvaluationSettings:
     batch_size: int = 16
     signal_leak: bool | None = None  # None: the model's setting
     upscale_steps: int | None = None  # the super-resolution stage's steps (None: its model's), with an upscaler
+    upscale_colour_fix: float | None = None  # its colour fix sigma (None: its model's; 0: off)
 
     def sampling_options(self, pipe):
         """The pipeline's :class:`SamplingDefaults` with these overrides, validated."""
@@ -336,7 +337,7 @@ def evaluate(pipe, judge, settings: EvaluationSettings | None = None, *, model: 
 
     started = time.perf_counter()
     generated = generate_images(pipe, prompts, options, batch_size=settings.batch_size, upscaler=upscaler,
-                                upscale_steps=settings.upscale_steps)
+                                upscale_steps=settings.upscale_steps, upscale_colour_fix=settings.upscale_colour_fix)
     seconds["generate"] = time.perf_counter() - started
 
     started = time.perf_counter()

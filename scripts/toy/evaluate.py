@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--upscaler", type=Path, help="a super-resolution model run on every image (the cascade: "
                         "ldm/toy/default_upscaler); real images are then rendered at the enlarged size")
     parser.add_argument("--upscale-steps", type=int, help="steps of the super-resolution stage (default: its model's)")
+    parser.add_argument("--upscale-colour-fix", type=float, metavar="SIGMA",
+                        help="colour fix of the super-resolution stage (default: its model's; 0: off)")
     parser.add_argument("--out", type=Path, default=Path("outputs/evaluation"), help="output folder")
     parser.add_argument("--grid", type=Path, help="sample grid PNG (default: <out>/samples.png)")
     parser.add_argument("--quiet", action="store_true", help="only the table, no progress logs")
@@ -64,6 +66,8 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
             parser.error(f"{flag} must be at least {least}, got {value}")
     if args.guidance is not None and not math.isfinite(args.guidance):
         parser.error(f"--guidance must be a finite number, got {args.guidance}")
+    if args.upscale_colour_fix is not None and not 0 <= args.upscale_colour_fix <= 64:  # NaN fails too
+        parser.error(f"--upscale-colour-fix must be a sigma in 0..64 output pixels, got {args.upscale_colour_fix}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             n=args.n, heldout_per_pair=args.heldout_per_pair, seed=args.seed, steps=args.steps,
             guidance_scale=args.guidance, sampler=args.sampler, height=args.size, width=args.size,
             batch_size=args.batch_size, signal_leak=args.signal_leak, upscale_steps=args.upscale_steps,
+            upscale_colour_fix=args.upscale_colour_fix,
         )
         result = evaluate(pipe, judge, settings, model=str(args.model or DEFAULT_MODEL_DIR), upscaler=upscaler)
     except (LdmError, ValueError) as error:  # e.g. --n too small for --heldout-per-pair, a bad --size

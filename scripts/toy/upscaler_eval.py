@@ -9,6 +9,8 @@ with the scene's caption, the model's steps, at ``--noise-levels``), and each re
 same scene rendered directly at 256x256:
 
 * PSNR (dB) against the 256x256 render;
+* both for the stage's raw output and, when the model has a default colour fix
+  (``upscale.colour_fix``, :func:`ldm.upscaling.colour_fix`), for the corrected one;
 * edge sharpness (scenes whose render has edges at all): on the truth's edges (pixels whose Sobel gradient magnitude is at least half the truth's
   largest; flat-colour renders have edges on 2-3% of their pixels),
   the mean gradient magnitude of the image divided by the truth's (1.0 = edges as steep as the truth's
@@ -71,7 +73,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     from ldm.cli.stages import DEFAULT_UPSCALER
+    from ldm.image_inputs import image_to_tensor, to_pil
     from ldm.images import make_grid
+    from ldm.upscaling import colour_fix
     from ldm.pipeline import Txt2ImgPipeline
     from ldm.toy.procedural import ProceduralDataset
 
@@ -80,7 +84,10 @@ def main(argv=None) -> int:
     factor = pipe.vae.downsample_factor
     small_set = ProceduralDataset(seed=EVAL_SEED, split="all", image_size=64)
     large_set = ProceduralDataset(seed=EVAL_SEED, split="all", image_size=64 * factor)
-    methods = {"bicubic": [], "lanczos": [], **{f"upscaler, noise {level}": [] for level in levels}}
+    sigma = pipe.config.upscale.colour_fix
+    variants = [f"upscaler, noise {level}{suffix}" for level in levels
+                for suffix in ("", f", colour fix {sigma:g}" if sigma else None) if suffix is not None]
+    methods = {"bicubic": [], "lanczos": [], **{name: [] for name in variants}}
     strip = []
     for i in range(args.n):
         small, truth = small_set.sample(i), large_set.sample(i).image
@@ -88,13 +95,17 @@ def main(argv=None) -> int:
         results = {"bicubic": small.image.resize(size, Image.Resampling.BICUBIC),
                    "lanczos": small.image.resize(size, Image.Resampling.LANCZOS)}
         for level in levels:
-            results[f"upscaler, noise {level}"] = pipe.upscale(small.image, small.caption, seed=i, noise_level=level,
-                                                               steps=args.steps)[0]
+            raw = pipe.upscale(small.image, small.caption, seed=i, noise_level=level, steps=args.steps,
+                               colour_fix=0, output_type="pt")
+            results[f"upscaler, noise {level}"] = to_pil(raw)[0]
+            if sigma:
+                fixed = colour_fix(raw, image_to_tensor(small.image, *small.image.size), sigma)
+                results[f"upscaler, noise {level}, colour fix {sigma:g}"] = to_pil(fixed)[0]
         for name, image in results.items():
             methods[name].append((psnr(image, truth), edge_sharpness(image, truth)))
         if i < 6:
             strip += [small.image.resize(size, Image.Resampling.NEAREST), results["bicubic"],
-                      results[f"upscaler, noise {levels[-1]}"], truth]
+                      results[variants[-1]], truth]
         logging.info("scene %d/%d", i + 1, args.n)
     summary = {name: {"psnr_db": float(np.mean([p for p, _ in values])),
                       "edge_sharpness": float(np.mean([s for _, s in values if s is not None]))}
