@@ -284,13 +284,23 @@ def _self_attention_disabled(weights: Mapping[str, Tensor], levels: list[list[in
 def infer_vae_config(
     weights: Mapping[str, Tensor], scaling_factor: float = DEFAULT_SCALING_FACTOR
 ) -> AutoencoderConfig:
-    """The VAE config from its weights' shapes (32 norm groups, as CompVis hard-codes)."""
+    """The VAE config from its weights' shapes (32 norm groups, as CompVis hard-codes).
+
+    ``weights`` have original (CompVis) names, or ``diffusers.AutoencoderKL`` names: a VAE file such as
+    ``diffusion_pytorch_model.safetensors`` given for a checkpoint that ships without a VAE.
+    """
     if not weights:
         raise CheckpointError(f"cannot read the VAE architecture: no {VAE_PREFIX}* weights (pass a VAE file)")
     conv_in = _need(weights, "encoder.conv_in.weight", "VAE")
     base = conv_in.shape[0]
-    levels = key_indices(weights, "encoder.down.")
-    mult = [_ratio(_need(weights, f"encoder.down.{n}.block.0.conv2.weight", "VAE").shape[0], base, "VAE")
+    if any(k.startswith("encoder.down_blocks.") for k in weights):  # diffusers names
+        down, block, resnet = "encoder.down_blocks.", "resnets", "encoder.down_blocks.0.resnets."
+        mid_attention = any(k.startswith("encoder.mid_block.attentions.0.") for k in weights)
+    else:
+        down, block, resnet = "encoder.down.", "block", "encoder.down.0.block."
+        mid_attention = "encoder.mid.attn_1.q.weight" in weights
+    levels = key_indices(weights, down)
+    mult = [_ratio(_need(weights, f"{down}{n}.{block}.0.conv2.weight", "VAE").shape[0], base, "VAE")
             for n in levels]
     try:
         return AutoencoderConfig(
@@ -299,9 +309,9 @@ def infer_vae_config(
             latent_channels=_need(weights, "decoder.conv_in.weight", "VAE").shape[1],
             base_channels=base,
             channel_mult=tuple(mult),
-            num_res_blocks=len(key_indices(weights, "encoder.down.0.block.")),
+            num_res_blocks=len(key_indices(weights, resnet)),
             norm_groups=COMPVIS_NORM_GROUPS,
-            mid_attention="encoder.mid.attn_1.q.weight" in weights,
+            mid_attention=mid_attention,
             scaling_factor=scaling_factor,
         )
     except ValueError as error:
