@@ -193,6 +193,18 @@ class LowResDegradation:
         return low_res
 
 
+def paler_colours(images: Tensor, saturation: Tensor, lightening: Tensor) -> Tensor:
+    """``images [B, 3, H, W]`` in ``[-1, 1]`` with their colours desaturated towards grey by ``saturation [B]``
+    (1: unchanged) and lightened towards white by ``lightening [B]`` (0: unchanged): the paler colours a
+    base model draws. Applied alike to a training pair's large and small render, it teaches a
+    super-resolution stage to copy colours it was not trained on."""
+    x = images.add(1).div(2)
+    grey = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])  # ITU-R BT.601 luma
+    x = grey + saturation.view(-1, 1, 1, 1) * (x - grey)
+    x = x + lightening.view(-1, 1, 1, 1) * (1 - x)
+    return x.clamp(0, 1).mul(2).sub(1)
+
+
 def gaussian_blur(images: Tensor, sigmas: Tensor) -> Tensor:
     """Blur each of ``images [B, C, h, w]`` with its own separable Gaussian of ``sigmas [B]`` pixels
     (sigma 0 leaves an image as it is), borders extended."""
@@ -211,4 +223,5 @@ def gaussian_blur(images: Tensor, sigmas: Tensor) -> Tensor:
 
 
 __all__ = ["UpscaleConfig", "LowResCondition", "LowResAugmentation", "LowResDegradation", "gaussian_blur",
+           "paler_colours",
            "colour_fix", "check_noise_level", "check_colour_fix"]

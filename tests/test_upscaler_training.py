@@ -85,3 +85,35 @@ def test_run_config_checks_the_degradation_and_keeps_old_run_identities():
         parse_run_config({**base, "data": {"kind": "procedural", "low_res_round_trip": 2.0}})
     with pytest.raises(ConfigError, match="procedural"):
         parse_run_config({**base, "data": {"kind": "folder", "source": "x", "low_res_blur": 1.0}})
+
+
+def test_paler_colours_desaturate_and_lighten():
+    from ldm.upscaling import paler_colours
+
+    red = torch.tensor([1.0, -1.0, -1.0]).view(1, 3, 1, 1)  # pure red in [-1, 1]
+    assert torch.equal(paler_colours(red, torch.ones(1), torch.zeros(1)), red)
+    grey = paler_colours(red, torch.zeros(1), torch.zeros(1)).flatten()
+    assert torch.allclose(grey, torch.full((3,), 0.299 * 2 - 1), atol=1e-6)  # its luma, as grey
+    white = paler_colours(red, torch.ones(1), torch.ones(1)).flatten()
+    assert torch.allclose(white, torch.ones(3))
+    pale = paler_colours(red, torch.tensor([0.5]), torch.tensor([0.25])).flatten()
+    r, g = 0.299 + 0.5 * 0.701, 0.299 * 0.5  # halfway to grey, then a quarter of the way to white
+    expected = torch.tensor([r + 0.25 * (1 - r), g + 0.25 * (1 - g), g + 0.25 * (1 - g)]) * 2 - 1
+    assert torch.allclose(pale, expected, atol=1e-6) and pale[0] > pale[1]  # still red, paler
+
+
+def test_colour_jitter_changes_large_and_small_renders_alike(tmp_path):
+    vae = tiny_upscaler().vae
+    plain = ProceduralLatents.build(vae, DataSettings(seed=1, pool_size=3), tmp_path / "a.safetensors", 2, "cpu",
+                                    image_size=32, with_low_res=True)
+    jittered = ProceduralLatents.build(vae, DataSettings(seed=1, pool_size=3, low_res_colour_jitter=0.5),
+                                       tmp_path / "b.safetensors", 2, "cpu", image_size=32, with_low_res=True)
+    small_plain, small_jittered = (p.low_res.float() for p in (plain, jittered))
+    assert (small_jittered - small_plain).abs().mean() > 1  # uint8 levels
+    assert small_jittered.std(dim=1).mean() < small_plain.std(dim=1).mean()  # less saturated: channels closer
+    assert not torch.equal(plain.latents, jittered.latents)  # the large render changed too
+    again = ProceduralLatents.build(vae, DataSettings(seed=1, pool_size=3, low_res_colour_jitter=0.5),
+                                    tmp_path / "c.safetensors", 2, "cpu", image_size=32, with_low_res=True)
+    assert torch.equal(again.low_res, jittered.low_res)  # drawn per sample from the data seed
+    with pytest.raises(ConfigError, match="colour_jitter"):
+        parse_run_config({"model": {"init": "m"}, "data": {"kind": "procedural", "low_res_colour_jitter": 1.5}})

@@ -66,6 +66,7 @@ class DataSettings:
     latent_crop: int | None = None  # procedural: train on random square crops of this many latent pixels
     low_res_round_trip: float = 0.0  # super-resolution: share of small images replaced by their autoencoder round trip
     low_res_blur: float = 0.0  # super-resolution: largest Gaussian blur sigma (small-image pixels), drawn per sample
+    low_res_colour_jitter: float = 0.0  # super-resolution: paler colours, alike in a pair's large and small render
     split: str = "train"
     resolution: int | None = None  # default: the model's sampling height
     crop: str = "center"  # center | random
@@ -231,8 +232,11 @@ def _check_values(config: RunConfig) -> None:
         raise ConfigError(f"{where}: text_encoder (a pretrained model's) excludes model.init and model.text_encoder")
     if d.latent_crop is not None and (d.kind != "procedural" or d.latent_crop < 1):
         raise ConfigError(f"{where}: data.latent_crop needs procedural data and a positive size")
-    if (d.low_res_round_trip or d.low_res_blur) and d.kind != "procedural":
-        raise ConfigError(f"{where}: data.low_res_round_trip and data.low_res_blur need procedural data")
+    if (d.low_res_round_trip or d.low_res_blur or d.low_res_colour_jitter) and d.kind != "procedural":
+        raise ConfigError(f"{where}: data.low_res_round_trip, data.low_res_blur and data.low_res_colour_jitter "
+                          "need procedural data")
+    if not 0 <= d.low_res_colour_jitter <= 1:
+        raise ConfigError(f"{where}: data.low_res_colour_jitter must be in [0, 1], got {d.low_res_colour_jitter}")
     try:
         LowResDegradation(d.low_res_round_trip, d.low_res_blur)
     except ValueError as error:
@@ -257,7 +261,7 @@ def run_identity(config: RunConfig) -> dict[str, Any]:
     settings["data.source"] = _location(config.data.source)
     if config.data.latent_crop is None:  # a later option: absent from the identity of runs that do not use it
         del settings["data.latent_crop"]
-    for later_option in ("data.low_res_round_trip", "data.low_res_blur"):  # likewise, when off
+    for later_option in ("data.low_res_round_trip", "data.low_res_blur", "data.low_res_colour_jitter"):  # likewise
         if not settings[later_option]:
             del settings[later_option]
     settings.update(_flatten(asdict(config.training), "training"))

@@ -56,7 +56,7 @@ from ldm.training import objectives, run_state
 from ldm.training.data import (BucketBatchSampler, ImageCaptionDataset, cache_latents, collate_batch,
                                load_image_caption_dataset, vae_fingerprint)
 from ldm.training.ema import EMA
-from ldm.upscaling import LowResAugmentation, LowResDegradation
+from ldm.upscaling import LowResAugmentation, LowResDegradation, paler_colours
 from ldm.training.run_config import (OUTPUT_DTYPES, DataSettings, RunConfig, TrainSettings, ValidationSettings,
                                      run_identity)
 
@@ -233,6 +233,10 @@ class ProceduralLatents:
             identity |= {"image_size": image_size, "low_res": with_low_res}
         if with_round_trips:
             identity["low_res_round_trip"] = True
+        if settings.low_res_colour_jitter:
+            if not with_low_res:
+                raise ConfigError("data.low_res_colour_jitter is for super-resolution models")
+            identity["low_res_colour_jitter"] = settings.low_res_colour_jitter
         fingerprint = json.dumps(identity)
         metadata = checkpoints.safetensors_metadata(cache)
         if metadata.get("fingerprint") == fingerprint:
@@ -272,7 +276,9 @@ def _encode_procedural_pool(vae, settings: DataSettings, image_size: int, with_l
                             with_round_trips: bool = False):
     """``({"latents": [N, C, h, w] float32, "low_res"?: [N, 3, h, w] uint8, "low_res_round_trip"?: the same
     small images decoded from their posterior-mean latents}, captions)`` of the first ``pool_size``
-    samples of the procedural training split."""
+    samples of the procedural training split. With ``low_res_colour_jitter`` j, sample ``i``'s large and
+    small renders are made paler alike (:func:`ldm.upscaling.paler_colours`: saturation uniform in
+    ``[1 - j, 1]``, lightening in ``[0, j / 2]``, drawn from a generator seeded by the data seed and ``i``)."""
     dataset = ProceduralDataset(seed=settings.seed, split="train", image_size=image_size)
     small = ProceduralDataset(seed=settings.seed, split="train", image_size=image_size // vae.config.downsample_factor)
     latents, low_res, round_trips, captions, start = [], [], [], [], time.perf_counter()
@@ -281,13 +287,20 @@ def _encode_procedural_pool(vae, settings: DataSettings, image_size: int, with_l
     for first in range(0, settings.pool_size, chunk):
         samples = dataset.take(min(chunk, settings.pool_size - first), start=first)
         images = images_to_tensor([s.image for s in samples]).to(device, dtype)
+        jitter = _colour_jitter(settings, first, len(samples))
+        if jitter is not None:
+            images = paler_colours(images, *jitter).to(dtype)
         latents.append(vae.encode_latents(images).float().cpu())
         captions.extend(s.caption for s in samples)
         if with_low_res:
             small_images = [small.sample(first + i).image for i in range(len(samples))]
-            low_res.append(torch.from_numpy(np.stack([np.asarray(im) for im in small_images])).permute(0, 3, 1, 2))
+            small_pixels = torch.from_numpy(np.stack([np.asarray(im) for im in small_images])).permute(0, 3, 1, 2)
+            if jitter is not None:
+                small_pixels = paler_colours(small_pixels.float().div(127.5).sub(1), *jitter).add(1).mul(127.5)
+                small_pixels = small_pixels.round().to(torch.uint8)
+            low_res.append(small_pixels)
         if with_round_trips:
-            small_tensor = images_to_tensor(small_images).to(device, dtype)
+            small_tensor = low_res[-1].float().div(127.5).sub(1).to(device, dtype)
             decoded = vae.decode(vae.encode(small_tensor).mode()).float().clamp(-1, 1)
             round_trips.append(decoded.add(1).mul(127.5).round().to(torch.uint8).cpu())
         if first // chunk % 20 == 0:
@@ -301,6 +314,17 @@ def _encode_procedural_pool(vae, settings: DataSettings, image_size: int, with_l
     logger.info("encoded %d procedural latents in %.0f s (std %.3f)", len(tensors["latents"]),
                 time.perf_counter() - start, tensors["latents"].std())
     return tensors, captions
+
+
+def _colour_jitter(settings: DataSettings, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(saturation [count], lightening [count])`` of samples ``first ..``, or ``None`` without jitter."""
+    strength = settings.low_res_colour_jitter
+    if not strength:
+        return None
+    draws = [torch.rand(2, generator=torch.Generator().manual_seed(settings.seed * 1_000_003 + first + i))
+             for i in range(count)]
+    draws = torch.stack(draws)  # [count, 2] uniform
+    return 1 - strength * draws[:, 0], strength / 2 * draws[:, 1]
 
 
 def _random_crop(batch: dict[str, Any], size: int, generator: torch.Generator) -> dict[str, Any]:
