@@ -513,7 +513,7 @@ def test_cfg_mixes_uncond_and_cond_in_one_batched_call_like_diffusers():
 
 def test_registry_is_consistent():
     assert set(SAMPLERS) == {"ddpm", "ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m", "lms", "dpm2",
-                             "dpm2_ancestral", "unipc", "plms", "dpmpp_2m_sde", "dpmpp_sde", "lcm"}
+                             "dpm2_ancestral", "unipc", "plms", "dpmpp_2m_sde", "dpmpp_sde", "lcm", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"}
     assert tuple(SAMPLERS) == SAMPLER_NAMES  # one registry: the functions cover exactly its names
     for name, spec in SAMPLERS.items():
         assert spec.discretisation in DISCRETISATIONS and callable(spec.fn)

@@ -23,8 +23,10 @@ import torch
 from diffusers.schedulers import KarrasDiffusionSchedulers
 
 from ldm.formats.diffusers_folder import (DIFFUSERS_OPTION_DEFAULTS, FALLBACK_SAMPLER, NO_ZERO_SNR_SUPPORT,
-                                         SUBSTITUTE_SAMPLERS, schedule_config_to_diffusers, scheduler_json)
+                                         SUBSTITUTE_SAMPLERS, sampler_for_scheduler, schedule_config_to_diffusers,
+                                         scheduler_json)
 from ldm.sampling.denoiser import DiscreteDenoiser
+from ldm.sampling.registry import resolve_sampler_name, resolve_schedule_name
 from ldm.sampling.samplers import SAMPLERS, BrownianNoise, final_latents, initial_latents, randn_like_rows
 from ldm.sampling.schedule import NoiseSchedule, ScheduleConfig
 from tests.conftest import tiny_pipeline_config
@@ -79,18 +81,108 @@ def _start(sigmas):
 # ---------------------------------------------------------------------- against k-diffusion
 
 
-@pytest.mark.parametrize("name,k_name", [("dpmpp_2m_sde", "sample_dpmpp_2m_sde"), ("dpmpp_sde", "sample_dpmpp_sde")])
+# our name -> k-diffusion's function and its options, as AUTOMATIC1111 calls them
+K_DIFFUSION_SDE = {"dpmpp_2m_sde": ("sample_dpmpp_2m_sde", {}), "dpmpp_sde": ("sample_dpmpp_sde", {}),
+                   "dpmpp_2m_sde_heun": ("sample_dpmpp_2m_sde", {"solver_type": "heun"}),
+                   "dpmpp_3m_sde": ("sample_dpmpp_3m_sde", {})}
+
+
+@pytest.mark.parametrize("name", list(K_DIFFUSION_SDE))
 @pytest.mark.parametrize("karras", [False, True])
 @pytest.mark.parametrize("prediction", ["eps", "v"])
-def test_sde_samplers_match_k_diffusion_with_the_web_uis_brownian_seeds(k_sampling, name, k_name, karras, prediction):
+def test_sde_samplers_match_k_diffusion_with_the_web_uis_brownian_seeds(k_sampling, name, karras, prediction):
     """AUTOMATIC1111 gives k-diffusion one Brownian tree per image, seeded with the image's seed."""
+    k_name, k_options = K_DIFFUSION_SDE[name]
     schedule, denoise = _toy_denoise(prediction)
     sigmas = schedule.sampling_sigmas(10, sampler=name, karras=karras)
     x = _start(sigmas)
     ours = SAMPLERS[name].fn(denoise, x, sigmas, generator=[torch.Generator().manual_seed(s) for s in SEEDS])
     noise = k_sampling.BrownianTreeNoiseSampler(x, sigmas[sigmas > 0].min(), sigmas.max(), seed=list(SEEDS))
-    theirs = getattr(k_sampling, k_name)(denoise, x, sigmas, disable=True, noise_sampler=noise)
+    theirs = getattr(k_sampling, k_name)(denoise, x, sigmas, disable=True, noise_sampler=noise, **k_options)
     assert (ours - theirs).abs().max() < 1e-5
+
+
+def test_the_sde_multistep_samplers_differ_from_each_other():
+    """The three share one loop: the options must still select three different updates."""
+    schedule, denoise = _toy_denoise()
+    sigmas = schedule.sampling_sigmas(8, sampler="dpmpp_3m_sde")
+    x = _start(sigmas)
+    outs = [SAMPLERS[name].fn(denoise, x, sigmas, generator=torch.Generator().manual_seed(5))
+            for name in ("dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde")]
+    assert min((a - b).abs().max() for a, b in [(outs[0], outs[1]), (outs[1], outs[2]), (outs[0], outs[2])]) > 1e-3
+
+
+# ---------------------------------------------------------------------- DPM-Solver++ SDE against diffusers
+
+
+class _ThirdOrderSignFixed(diffusers.DPMSolverMultistepScheduler):
+    """diffusers' DPMSolverMultistepScheduler (0.42) with its third-order ``sde-dpmsolver++`` update corrected.
+
+    diffusers weights D2 by ``((1 - e^(-2h) - 2h) / (2h)^2 - 1/2)``; the exact integral of the quadratic
+    Taylor term (and k-diffusion, and diffusers' own ``dpmsolver++`` branch with h -> 2h) has ``+ 1/2``:
+    ``-phi_3 = -((e^(-2h) - 1 + 2h) / (2h)^2 - 1/2)``. This adds the missing ``alpha_t * D2``.
+    """
+
+    def multistep_dpm_solver_third_order_update(self, model_output_list, *args, sample=None, noise=None, **kwargs):
+        x_t = super().multistep_dpm_solver_third_order_update(model_output_list, *args, sample=sample, noise=noise,
+                                                              **kwargs)
+        i = self.step_index
+        alphas_sigmas = [self._sigma_to_alpha_sigma_t(self.sigmas[j]) for j in (i + 1, i, i - 1, i - 2)]
+        lambdas = [torch.log(alpha) - torch.log(sigma) for alpha, sigma in alphas_sigmas]
+        h, h_0, h_1 = (lambdas[k] - lambdas[k + 1] for k in range(3))
+        r0, r1 = h_0 / h, h_1 / h
+        m0, m1, m2 = model_output_list[-1], model_output_list[-2], model_output_list[-3]
+        d2 = ((m0 - m1) / r0 - (m1 - m2) / r1) / (r0 + r1)
+        return x_t + alphas_sigmas[0][0] * d2
+
+
+def _run_diffusers_sde(name, prediction, karras, steps, *, fix_third_order=False, **scheduler_options):
+    """Ours and diffusers' DPMSolverMultistepScheduler (the registry's options plus ``scheduler_options``) on
+    the toy network, diffusers given our Brownian increments as ``variance_noise``: (ours, theirs) latents."""
+    config = ScheduleConfig(prediction=prediction)
+    schedule, network = NoiseSchedule(config), ToyNetwork(prediction)
+    context = torch.randn(len(SEEDS), 5, CONTEXT_DIM, generator=torch.Generator().manual_seed(2))
+    noise = torch.randn(len(SEEDS), CHANNELS, 8, 8, generator=torch.Generator().manual_seed(3))
+    denoiser = DiscreteDenoiser(network, schedule, round_timesteps=karras)
+    sigmas = schedule.sampling_sigmas(steps, sampler=name, karras=karras)
+    x = initial_latents(noise, sigmas, sampler=name)
+    ours = SAMPLERS[name].fn(lambda x, s: denoiser(x, s, context), x, sigmas,
+                             generator=[torch.Generator().manual_seed(s) for s in SEEDS])
+    scheduler_config = {**_diffusers_scheduler(name, config, karras).config, **scheduler_options}
+    scheduler_config.pop("_use_default_values", None)  # else from_config resets the options given here
+    scheduler = (_ThirdOrderSignFixed if fix_third_order else diffusers.DPMSolverMultistepScheduler).from_config(
+        scheduler_config)
+    scheduler.set_timesteps(steps)
+    seeds = [torch.Generator().manual_seed(s) for s in SEEDS]
+    brownian = BrownianNoise(x, sigmas[sigmas > 0].min(), sigmas.max(), seeds)
+    chain, theirs = sigmas.tolist(), noise * scheduler.init_noise_sigma
+    for i, t in enumerate(scheduler.timesteps):
+        output = network(scheduler.scale_model_input(theirs, t), t.float().expand(len(SEEDS)), context)
+        increment = brownian(chain[i], chain[i + 1]) if chain[i + 1] > 0 else torch.zeros_like(theirs)
+        theirs = scheduler.step(output, t, theirs, variance_noise=increment).prev_sample
+    return final_latents(ours, sigmas), theirs
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m_sde", "dpmpp_2m_sde_heun"])
+@pytest.mark.parametrize("karras", [False, True])
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_dpmpp_2m_sde_samplers_match_diffusers_given_the_same_noise(name, karras, prediction):
+    """``algorithm_type="sde-dpmsolver++"`` with ``solver_type`` midpoint / heun (the registry's options)."""
+    ours, theirs = _run_diffusers_sde(name, prediction, karras, 10)
+    assert (ours - theirs).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("karras", [False, True])
+def test_dpmpp_3m_sde_matches_diffusers_up_to_its_third_order_sign(karras):
+    """diffusers' ``solver_order=3`` SDE equals k-diffusion's 3M SDE given (a) the Heun-type warm-up step
+    (``solver_type="heun"``), (b) third order up to the last step (``lower_order_final=False``; it is off
+    by itself from 15 steps) and (c) the corrected D2 weight (:class:`_ThirdOrderSignFixed`). As diffusers
+    ships it, it lands O(1) away on this toy model (0.2 to 1 over 10 to 20 steps)."""
+    fixed = dict(fix_third_order=True, solver_type="heun", lower_order_final=False)
+    ours, theirs = _run_diffusers_sde("dpmpp_3m_sde", "eps", karras, 10, **fixed)
+    assert (ours - theirs).abs().max() < 1e-4
+    ours, as_shipped = _run_diffusers_sde("dpmpp_3m_sde", "eps", karras, 10)
+    assert (ours - as_shipped).abs().max() > 0.05, "diffusers fixed its 3M SDE: drop _ThirdOrderSignFixed"
 
 
 def test_sde_sampler_with_one_generator_uses_one_tree_for_the_batch(k_sampling):
@@ -177,7 +269,8 @@ def test_brownian_noise_is_one_path_per_seed():
 # ---------------------------------------------------------------------- analytic Gaussian checks
 
 
-@pytest.mark.parametrize("name", ["dpmpp_2m_sde", "dpmpp_sde", "dpm2_ancestral"])
+@pytest.mark.parametrize("name", ["dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "dpmpp_sde",
+                                  "dpm2_ancestral"])
 def test_stochastic_samplers_draw_the_gaussian_data_distribution(name):
     """For data N(mu, s^2) the exact reverse SDE keeps x ~ N(mu, s^2 + sigma^2) at every level, so a
     fine chain must end at mean mu and std s (16384 draws: sampling error of the std ~0.5%)."""
@@ -268,6 +361,35 @@ def test_every_sampler_saves_as_its_diffusers_scheduler_and_loads_back(diffusers
     assert loaded.config.sampling.karras == SAMPLERS[name].diffusers_karras
 
 
+@pytest.mark.parametrize("options, ours", [
+    ({"algorithm_type": "sde-dpmsolver++"}, "dpmpp_2m_sde"),
+    ({"algorithm_type": "sde-dpmsolver++", "solver_type": "heun"}, "dpmpp_2m_sde_heun"),
+    ({"algorithm_type": "sde-dpmsolver++", "solver_order": 3}, "dpmpp_3m_sde"),
+    ({"algorithm_type": "sde-dpmsolver++", "solver_order": 3, "solver_type": "heun"}, "dpmpp_3m_sde"),
+])
+def test_dpm_solver_sde_configs_select_their_sampler(options, ours, tmp_path, caplog):
+    """A scheduler_config.json as diffusers writes it (every key, defaults included) picks the sampler."""
+    written = diffusers.DPMSolverMultistepScheduler.from_config(options).config
+    with caplog.at_level("WARNING"):
+        assert sampler_for_scheduler({"_class_name": "DPMSolverMultistepScheduler", **written}, tmp_path) == ours
+    assert not caplog.records
+
+
+@pytest.mark.parametrize("given, ours, written", [("DPM++ 2M SDE Heun", "dpmpp_2m_sde_heun", "DPM++ 2M SDE Heun"),
+                                                  ("DPM++ 3M SDE", "dpmpp_3m_sde", "DPM++ 3M SDE"),
+                                                  ("dpm++ 3m sde", "dpmpp_3m_sde", "DPM++ 3M SDE")])
+def test_new_sde_samplers_by_their_web_ui_names(given, ours, written):
+    """``--sampler "DPM++ 3M SDE"`` resolves; the PNG parameters write and read back the web UI's name."""
+    from ldm.images import a1111_parameters, read_a1111_parameters
+
+    assert resolve_sampler_name(given) == ours
+    text = a1111_parameters("a cat", "", steps=20, sampler=ours, guidance_scale=7, seed=1, width=64, height=64,
+                            schedule="exponential")
+    assert read_a1111_parameters(text)["Sampler"] == written
+    assert resolve_sampler_name(read_a1111_parameters(text)["Sampler"]) == ours
+    assert resolve_schedule_name("Automatic", ours) == "exponential"  # the web UI's sampler option
+
+
 def test_scheduler_variants_without_equivalent_name_the_substitute(diffusers_folder, caplog):
     base = schedule_config_to_diffusers(tiny_pipeline_config().schedule)
     with caplog.at_level("WARNING"):
@@ -280,7 +402,8 @@ def test_scheduler_variants_without_equivalent_name_the_substitute(diffusers_fol
     assert exponential.config.sampling.sampler == "euler"
     messages = " | ".join(r.message for r in caplog.records)
     assert "PNDMScheduler with skip_prk_steps=False has no equivalent sampler here; sampling with plms (PLMS)" in messages
-    assert "algorithm_type='dpmsolver' has no equivalent sampler here; sampling with dpmpp_2m" in messages
+    assert ("DPMSolverMultistepScheduler with algorithm_type='dpmsolver', solver_order=2, solver_type='midpoint' "
+            "has no equivalent sampler here; sampling with dpmpp_2m") in messages
     assert "asks for exponential sigmas" in messages
 
 

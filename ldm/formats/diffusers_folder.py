@@ -43,6 +43,8 @@ logger = logging.getLogger(__name__)
 SCHEDULER_CLASSES = {name: info.diffusers_class for name, info in SAMPLER_INFO.items()}
 # the class defaults of those keys (a scheduler_config.json without the key means the default)
 DIFFUSERS_OPTION_DEFAULTS = {("DPMSolverMultistepScheduler", "algorithm_type"): "dpmsolver++",
+                             ("DPMSolverMultistepScheduler", "solver_order"): 2,
+                             ("DPMSolverMultistepScheduler", "solver_type"): "midpoint",
                              ("PNDMScheduler", "skip_prk_steps"): False}
 # diffusers scheduler classes without a sampler of the same algorithm here -> the nearest (named in a warning)
 SUBSTITUTE_SAMPLERS = {
@@ -133,8 +135,9 @@ def sampler_for_scheduler(scheduler_config: dict[str, Any], folder: Path) -> str
             return name
     substitute = candidates[0] if candidates else SUBSTITUTE_SAMPLERS.get(class_name, FALLBACK_SAMPLER)
     options = sorted({key for name in candidates for key, _ in SAMPLER_INFO[name].diffusers_options})
-    detail = "".join(f" with {key}={scheduler_config.get(key, DIFFUSERS_OPTION_DEFAULTS.get((class_name, key)))!r}"
-                     for key in options)
+    detail = ", ".join(f"{key}={scheduler_config.get(key, DIFFUSERS_OPTION_DEFAULTS.get((class_name, key)))!r}"
+                       for key in options)
+    detail = f" with {detail}" if detail else ""
     logger.warning("%s: its scheduler %s%s has no equivalent sampler here; sampling with %s (%s) instead",
                    folder, class_name or "(none named)", detail, substitute, SAMPLER_INFO[substitute].a1111_name)
     return substitute

@@ -13,9 +13,9 @@ Every sampler has the signature ``sample_x(denoise, x, sigmas, *, generator=None
   diffusers' inpainting loop does after each scheduler step).
 
 Inputs are never modified in place and all randomness comes from ``generator``. The SDE samplers
-(``dpmpp_sde``, ``dpmpp_2m_sde``) draw their noise from a Brownian tree seeded with each generator's
-``initial_seed()`` (the image's seed), as AUTOMATIC1111 seeds k-diffusion's, so their noise does not
-depend on the number of steps taken before.
+(``dpmpp_sde``, ``dpmpp_2m_sde``, ``dpmpp_2m_sde_heun``, ``dpmpp_3m_sde``) draw their noise from a
+Brownian tree seeded with each generator's ``initial_seed()`` (the image's seed), as AUTOMATIC1111
+seeds k-diffusion's, so their noise does not depend on the number of steps taken before.
 
 All samplers integrate the probability-flow ODE ``dx/dsigma = (x - D(x, sigma)) / sigma``
 (Karras et al. 2022, eq. 3 with sigma(t) = t) or its ancestral (SDE) counterpart. In these
@@ -468,15 +468,54 @@ def _ancestral_dpm_step(x: Tensor, x0: Tensor, sigma: float, sigma_to: float, no
     return x + noise(sigma, sigma_to).to(x) * sigma_up
 
 
-def sample_dpmpp_2m_sde(
-    denoise: DenoiseFn, x: Tensor, sigmas: Tensor, *, generator: Generators = None, callback: Callback = None
+def _sde_multistep_terms(
+    x0: Tensor, history: Sequence[tuple[float, Tensor]], h: float, solver_type: str
+) -> Tensor | float:
+    """The higher-order terms of DPM-Solver++(2M/3M) SDE (eta = 1, so the exponential integrator runs over
+    ``2h``): built from the data estimates ``x0 [B,C,H,W]`` of this step and ``history`` of earlier steps.
+
+    ``history``: ``(h_k, x0_k)`` of earlier steps, newest first, ``h_k`` that step's lambda increment; its
+    length is the step's order minus one (0: first order, no terms). With one entry the divided difference
+    ``d = (x0 - x0_1) / r``, ``r = h_1 / h``, enters with weight ``(1 - e^(-2h)) / 2`` for ``"midpoint"``
+    (SDE-DPM-Solver++(2M), Lu et al. 2022b) or ``phi_2 = 1 - (1 - e^(-2h)) / (2h)`` for ``"heun"`` (the
+    exact integral of the linear Taylor term of x0 in lambda, DPM-Solver's ``solver_type="heun"``);
+    with two entries also the quadratic Taylor term: ``phi_2 d1 - phi_3 d2``, ``phi_3 = phi_2 / (2h) - 1/2``
+    (k-diffusion's ``sample_dpmpp_3m_sde``).
+    """
+    if not history:
+        return 0.0
+    h_eta = 2 * h
+    weight = -math.expm1(-h_eta)  # 1 - e^(-2h): the weight of x0 in the first-order step
+    phi_2 = 1 - weight / h_eta  # (e^(-2h) - 1) / (2h) + 1
+    (h_1, x0_1), *older = history
+    r0 = h_1 / h
+    d1_0 = (x0 - x0_1) / r0  # first divided difference, in units of h
+    if not older:
+        return 0.5 * weight * d1_0 if solver_type == "midpoint" else phi_2 * d1_0
+    h_2, x0_2 = older[0]
+    r1 = h_2 / h
+    d1_1 = (x0_1 - x0_2) / r1
+    d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)  # first derivative, extrapolated to this step
+    d2 = (d1_0 - d1_1) / (r0 + r1)  # second divided difference
+    phi_3 = phi_2 / h_eta - 0.5
+    return phi_2 * d1 - phi_3 * d2
+
+
+def _dpmpp_sde_multistep(
+    denoise: DenoiseFn, x: Tensor, sigmas: Tensor, generator: Generators, callback: Callback, order: int,
+    solver_type: str = "midpoint",
 ) -> Tensor:
-    """DPM-Solver++(2M) SDE (Lu et al. 2022b; k-diffusion's ``sample_dpmpp_2m_sde``, eta = 1, midpoint
-    variant): the multistep update of the SDE (h = lambda_next - lambda), plus Brownian-tree noise of
+    """The DPM-Solver++(2M/3M) SDE loop (Lu et al. 2022b; k-diffusion's ``sample_dpmpp_2m_sde`` /
+    ``sample_dpmpp_3m_sde``, eta = 1) in lambda = -log(sigma), h = lambda_next - lambda.
+
+    Each step ``x [B,C,H,W] -> x'`` is the first-order SDE-DPM-Solver++ step
+    ``x' = (sigma_next / sigma) e^(-h) x + (1 - e^(-2h)) x0`` (Lu et al. 2022b, SDE-DPM-Solver++1 on the
+    sigma scale x = x_vp / alpha), plus the multistep terms of the last ``order - 1`` estimates
+    (:func:`_sde_multistep_terms`; the order ramps up over the first steps), plus Brownian-tree noise of
     std ``sigma_next * sqrt(1 - e^(-2h))``; the step to 0 returns x0.
     """
     noise = brownian_noise_for(x, sigmas, generator)
-    x0_prev, h_prev = None, None
+    history: list[tuple[float, Tensor]] = []  # (h, x0) of earlier steps, newest first
     for i, (sigma, sigma_next) in enumerate(_steps(sigmas)):
         x0 = denoise(x, _full(x, sigma))
         if sigma_next == 0:
@@ -485,13 +524,36 @@ def sample_dpmpp_2m_sde(
             h = math.log(sigma) - math.log(sigma_next)
             weight = -math.expm1(-2 * h)  # 1 - e^(-2h)
             x = (sigma_next / sigma) * math.exp(-h) * x + weight * x0
-            if x0_prev is not None:
-                x = x + 0.5 * weight * (h / h_prev) * (x0 - x0_prev)
+            x = x + _sde_multistep_terms(x0, history, h, solver_type)
             x = x + noise(sigma, sigma_next).to(x) * sigma_next * math.sqrt(weight)
-            h_prev = h
-        x0_prev = x0
+            history = [(h, x0), *history][: order - 1]
         x = _report(callback, i, x, x0)
     return x
+
+
+def sample_dpmpp_2m_sde(
+    denoise: DenoiseFn, x: Tensor, sigmas: Tensor, *, generator: Generators = None, callback: Callback = None
+) -> Tensor:
+    """DPM-Solver++(2M) SDE (k-diffusion's ``sample_dpmpp_2m_sde``, eta = 1, midpoint variant; AUTOMATIC1111's
+    "DPM++ 2M SDE"); see :func:`_dpmpp_sde_multistep`."""
+    return _dpmpp_sde_multistep(denoise, x, sigmas, generator, callback, order=2, solver_type="midpoint")
+
+
+def sample_dpmpp_2m_sde_heun(
+    denoise: DenoiseFn, x: Tensor, sigmas: Tensor, *, generator: Generators = None, callback: Callback = None
+) -> Tensor:
+    """DPM-Solver++(2M) SDE, Heun variant (k-diffusion's ``sample_dpmpp_2m_sde`` with ``solver_type="heun"``;
+    AUTOMATIC1111's "DPM++ 2M SDE Heun"); see :func:`_dpmpp_sde_multistep`."""
+    return _dpmpp_sde_multistep(denoise, x, sigmas, generator, callback, order=2, solver_type="heun")
+
+
+def sample_dpmpp_3m_sde(
+    denoise: DenoiseFn, x: Tensor, sigmas: Tensor, *, generator: Generators = None, callback: Callback = None
+) -> Tensor:
+    """DPM-Solver++(3M) SDE (k-diffusion's ``sample_dpmpp_3m_sde``, eta = 1; AUTOMATIC1111's "DPM++ 3M SDE"):
+    first order, then the Heun-type second order, then third order from the third step on; see
+    :func:`_dpmpp_sde_multistep`."""
+    return _dpmpp_sde_multistep(denoise, x, sigmas, generator, callback, order=3, solver_type="heun")
 
 
 def sample_lcm(
@@ -533,6 +595,8 @@ _FUNCTIONS = {
     "unipc": sample_unipc,
     "plms": sample_plms,
     "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+    "dpmpp_2m_sde_heun": sample_dpmpp_2m_sde_heun,
+    "dpmpp_3m_sde": sample_dpmpp_3m_sde,
     "dpmpp_sde": sample_dpmpp_sde,
     "lcm": sample_lcm,
 }

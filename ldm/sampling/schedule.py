@@ -264,7 +264,7 @@ class NoiseSchedule:
           converts it to diffusers' latent scale. (diffusers' DDIM steps to ``t - T//n``, which is
           the next timestep for "leading" spacing; we always step to the next timestep.)
         * ``"k"`` (euler, euler_ancestral, heun, lms, dpm2, dpm2_ancestral, dpmpp_sde): sigma at each timestep, then 0.
-        * ``"dpm"`` (dpmpp_2m, dpmpp_2m_sde, unipc): sigma at DPMSolverMultistep's timesteps, then 0.
+        * ``"dpm"`` (dpmpp_2m, dpmpp_2m_sde, dpmpp_2m_sde_heun, dpmpp_3m_sde, unipc): sigma at DPMSolverMultistep's timesteps, then 0.
         * ``"lcm"``: sigma at LCMScheduler's timesteps (:func:`lcm_timesteps`), then 0.
 
         The other schedules (AUTOMATIC1111's schedule types) place the ``num_steps`` sigmas
