@@ -213,8 +213,6 @@ class ProceduralLatents:
         self.low_res, self.latent_crop = low_res, latent_crop
         self.low_res_round_trip = low_res_round_trip
         self.degradation = degradation if degradation is not None and degradation.active else None
-        if self.degradation is not None and low_res is None:
-            raise ConfigError("data.low_res_round_trip and data.low_res_blur are for super-resolution models")
         if latent_crop is not None and latent_crop > min(latents.shape[-2:]):
             raise ConfigError(f"data.latent_crop {latent_crop} is larger than the latents {tuple(latents.shape[-2:])}")
 
@@ -227,6 +225,9 @@ class ProceduralLatents:
         fingerprint of the data seed, pool size, sizes and VAE (a cache made for other ones is recomputed,
         not used)."""
         degradation = LowResDegradation(settings.low_res_round_trip, settings.low_res_blur)
+        if (degradation.active or settings.low_res_colour_jitter) and not with_low_res:  # before any encoding
+            raise ConfigError("data.low_res_round_trip, data.low_res_blur and data.low_res_colour_jitter are for "
+                              "super-resolution models")
         with_round_trips = with_low_res and degradation.round_trip > 0
         identity = {"seed": settings.seed, "pool_size": settings.pool_size, "vae": vae_fingerprint(vae)}
         if image_size != 64 or with_low_res:  # the fingerprint of earlier 64-pixel caches stays valid
@@ -234,8 +235,6 @@ class ProceduralLatents:
         if with_round_trips:
             identity["low_res_round_trip"] = True
         if settings.low_res_colour_jitter:
-            if not with_low_res:
-                raise ConfigError("data.low_res_colour_jitter is for super-resolution models")
             identity["low_res_colour_jitter"] = settings.low_res_colour_jitter
         fingerprint = json.dumps(identity)
         metadata = checkpoints.safetensors_metadata(cache)
@@ -256,10 +255,9 @@ class ProceduralLatents:
         index = torch.randint(len(self.latents), (self.batch_size,), generator=generator)
         batch = {"latents": self.latents[index], "captions": [self.captions[i] for i in index.tolist()]}
         if self.low_res is not None:
-            batch["low_res"] = self.low_res[index].float().div(127.5).sub(1.0)  # uint8 -> [-1, 1]
+            batch["low_res"] = _from_uint8(self.low_res[index])
         if self.degradation is not None:  # before cropping: the blur sees the whole small image
-            round_trips = None if self.low_res_round_trip is None else \
-                self.low_res_round_trip[index].float().div(127.5).sub(1.0)
+            round_trips = None if self.low_res_round_trip is None else _from_uint8(self.low_res_round_trip[index])
             batch["low_res"] = self.degradation(batch["low_res"], round_trips, generator)
         if self.latent_crop is not None:
             batch = _random_crop(batch, self.latent_crop, generator)
@@ -296,13 +294,11 @@ def _encode_procedural_pool(vae, settings: DataSettings, image_size: int, with_l
             small_images = [small.sample(first + i).image for i in range(len(samples))]
             small_pixels = torch.from_numpy(np.stack([np.asarray(im) for im in small_images])).permute(0, 3, 1, 2)
             if jitter is not None:
-                small_pixels = paler_colours(small_pixels.float().div(127.5).sub(1), *jitter).add(1).mul(127.5)
-                small_pixels = small_pixels.round().to(torch.uint8)
+                small_pixels = _to_uint8(paler_colours(_from_uint8(small_pixels), *jitter))
             low_res.append(small_pixels)
         if with_round_trips:
-            small_tensor = low_res[-1].float().div(127.5).sub(1).to(device, dtype)
-            decoded = vae.decode(vae.encode(small_tensor).mode()).float().clamp(-1, 1)
-            round_trips.append(decoded.add(1).mul(127.5).round().to(torch.uint8).cpu())
+            small_tensor = _from_uint8(low_res[-1]).to(device, dtype)
+            round_trips.append(_to_uint8(vae.decode(vae.encode(small_tensor).mode()).float().cpu()))
         if first // chunk % 20 == 0:
             logger.info("encoded %d/%d procedural images (%.0f s)", first + len(samples), settings.pool_size,
                         time.perf_counter() - start)
@@ -314,6 +310,16 @@ def _encode_procedural_pool(vae, settings: DataSettings, image_size: int, with_l
     logger.info("encoded %d procedural latents in %.0f s (std %.3f)", len(tensors["latents"]),
                 time.perf_counter() - start, tensors["latents"].std())
     return tensors, captions
+
+
+def _from_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels ``[B, 3, h, w]`` -> float32 in ``[-1, 1]``."""
+    return pixels.float().div(127.5).sub(1.0)
+
+
+def _to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images ``[B, 3, h, w]`` in ``[-1, 1]`` (clamped) -> uint8 pixels."""
+    return images.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
 
 
 def _colour_jitter(settings: DataSettings, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor] | None:
