@@ -223,5 +223,4 @@ def gaussian_blur(images: Tensor, sigmas: Tensor) -> Tensor:
 
 
 __all__ = ["UpscaleConfig", "LowResCondition", "LowResAugmentation", "LowResDegradation", "gaussian_blur",
-           "paler_colours",
-           "colour_fix", "check_noise_level", "check_colour_fix"]
+           "paler_colours", "colour_fix", "check_noise_level", "check_colour_fix"]

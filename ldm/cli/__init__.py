@@ -39,6 +39,16 @@ def finite_float(text: str) -> float:
     return value
 
 
+MAX_COLOUR_FIX = 64  # output pixels: ldm.upscaling.check_colour_fix's bound, here without importing torch
+
+
+def check_colour_fix_flag(parser: argparse.ArgumentParser, flag: str, sigma: float | None) -> None:
+    """One line and exit 2 unless ``sigma`` (a super-resolution colour fix, ``None`` = the model's) is in
+    ``[0, MAX_COLOUR_FIX]``; NaN is refused too."""
+    if sigma is not None and not 0 <= sigma <= MAX_COLOUR_FIX:
+        parser.error(f"{flag} must be a sigma in 0..{MAX_COLOUR_FIX} output pixels, got {sigma:g}")
+
+
 def sampler_name(text: str) -> str:
     """argparse ``type=`` for ``--sampler``: our name (``dpmpp_2m``) or AUTOMATIC1111's (``"DPM++ 2M"``)."""
     try:

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ldm.cli import finite_float
+from ldm.cli import check_colour_fix_flag, finite_float
 
 PACKAGE = Path(__file__).resolve().parents[1]
 DEFAULT_UPSCALER = PACKAGE / "toy" / "default_upscaler"
@@ -59,8 +59,7 @@ def check_stage_arguments(parser: argparse.ArgumentParser, args: argparse.Namesp
         parser.error("--base-only and --upscaler exclude each other")
     if args.upscale_steps is not None and args.upscale_steps < 1:
         parser.error(f"--upscale-steps must be at least 1, got {args.upscale_steps}")
-    if args.upscale_colour_fix is not None and not 0 <= args.upscale_colour_fix <= 64:
-        parser.error(f"--upscale-colour-fix must be a sigma in 0..64 output pixels, got {args.upscale_colour_fix:g}")
+    check_colour_fix_flag(parser, "--upscale-colour-fix", args.upscale_colour_fix)
     for flag, value in (("--upscaler", args.upscaler), ("--classifier", args.classifier)):
         if value is not None and not value.exists():
             parser.error(f"{flag} {value} does not exist")

@@ -19,7 +19,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ldm.cli import OneLineErrorParser, finite_float, run_reporting_errors, sampler_name
+from ldm.cli import OneLineErrorParser, check_colour_fix_flag, finite_float, run_reporting_errors, sampler_name
 from ldm.cli.stages import DEFAULT_UPSCALER
 from ldm.cli.txt2img import advance, save_png
 from ldm.cli.txt2img_args import RANDOM_SEED, check_outdir, check_text, first_seed, open_image, seed_argument
@@ -81,8 +81,7 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error(f"--noise-level must be >= 0, got {args.noise_level}")
     if args.eta is not None and args.eta < 0:
         parser.error(f"--eta must be >= 0, got {args.eta}")
-    if args.colour_fix is not None and not 0 <= args.colour_fix <= 64:
-        parser.error(f"--colour-fix must be a sigma in 0..64 output pixels, got {args.colour_fix:g}")
+    check_colour_fix_flag(parser, "--colour-fix", args.colour_fix)
     if args.model is None and not DEFAULT_UPSCALER.is_dir():
         parser.error("no default upscaler ships with this install yet; pass --model (a super-resolution model)")
     check_text(parser, "--prompt", args.prompt)

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from ldm.cli import OneLineErrorParser, sampler_name
+from ldm.cli import OneLineErrorParser, check_colour_fix_flag, sampler_name
 from ldm.sampling.registry import SAMPLER_NAMES
 
 
@@ -66,8 +66,7 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
             parser.error(f"{flag} must be at least {least}, got {value}")
     if args.guidance is not None and not math.isfinite(args.guidance):
         parser.error(f"--guidance must be a finite number, got {args.guidance}")
-    if args.upscale_colour_fix is not None and not 0 <= args.upscale_colour_fix <= 64:  # NaN fails too
-        parser.error(f"--upscale-colour-fix must be a sigma in 0..64 output pixels, got {args.upscale_colour_fix}")
+    check_colour_fix_flag(parser, "--upscale-colour-fix", args.upscale_colour_fix)
 
 
 def main(argv: list[str] | None = None) -> int:
