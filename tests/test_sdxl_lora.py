@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ldm.formats.lora import load_lora, merge_lora, set_lora_scale, unload_lora
-from tests.test_sdxl import NEGATIVE, PROMPT, diffusers_sdxl, tiny_sdxl_pipeline
+from tests.test_sdxl import NEGATIVE, PROMPT, diffusers_sdxl, saved_sdxl  # noqa: F401 (fixture)
 
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
@@ -20,15 +20,6 @@ OPTIONS = dict(sampler="euler", steps=3, guidance_scale=5.0, seed=11, output_typ
 def diffusers_image(xl) -> torch.Tensor:
     return xl(PROMPT, negative_prompt=NEGATIVE, generator=torch.Generator().manual_seed(11), num_inference_steps=3,
               guidance_scale=5.0, height=32, width=32, output_type="pt").images
-
-
-@pytest.fixture(scope="module")
-def sdxl_folder(tmp_path_factory):
-    """Our tiny SDXL pipeline and its diffusers export."""
-    pipe = tiny_sdxl_pipeline(seed=5)
-    folder = tmp_path_factory.mktemp("sdxl-lora") / "diffusers"
-    pipe.save_pretrained(folder, format="diffusers")
-    return pipe, folder
 
 
 def write_kohya_sdxl_lora_all_towers(pipe, path) -> None:
@@ -64,10 +55,10 @@ def write_kohya_sdxl_lora_all_towers(pipe, path) -> None:
     save_file(tensors, str(path))
 
 
-def test_kohya_sdxl_lora_with_both_text_encoders_matches_diffusers(sdxl_folder, tmp_path):
+def test_kohya_sdxl_lora_with_both_text_encoders_matches_diffusers(saved_sdxl, tmp_path):
     from ldm.pipeline import Txt2ImgPipeline
 
-    _, folder = sdxl_folder
+    _, folder = saved_sdxl
     pipe = Txt2ImgPipeline.from_pretrained(folder)
     write_kohya_sdxl_lora_all_towers(pipe, tmp_path / "kohya.safetensors")
     plain = pipe(PROMPT, NEGATIVE, **OPTIONS)
@@ -106,12 +97,12 @@ def test_kohya_sdxl_lora_with_both_text_encoders_matches_diffusers(sdxl_folder, 
     assert (pipe(PROMPT, NEGATIVE, **OPTIONS) - ours).abs().max().item() < 1e-5
 
 
-def test_two_sdxl_loras_with_bigg_add_up_and_unload(sdxl_folder, tmp_path):
+def test_two_sdxl_loras_with_bigg_add_up_and_unload(saved_sdxl, tmp_path):
     """A second file on the already wrapped bigG tower (out_proj inside the fused weight's wrapper) adds its
     update; unloading restores the base model bitwise."""
     from safetensors.torch import load_file, save_file
 
-    pipe, _ = sdxl_folder
+    pipe, _ = saved_sdxl
     write_kohya_sdxl_lora_all_towers(pipe, tmp_path / "a.safetensors")
     halved = {k: v * 0.5 if k.endswith("lora_up.weight") else v for k, v in load_file(tmp_path / "a.safetensors").items()}
     save_file(halved, str(tmp_path / "b.safetensors"))
@@ -154,13 +145,13 @@ def save_diffusers_sdxl_lora(folder, directory) -> None:
     diffusers.StableDiffusionXLPipeline.save_lora_weights(directory, **arguments)
 
 
-def test_diffusers_sdxl_lora_file_matches_diffusers(sdxl_folder, tmp_path):
+def test_diffusers_sdxl_lora_file_matches_diffusers(saved_sdxl, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     from ldm.pipeline import Txt2ImgPipeline
 
-    _, folder = sdxl_folder
+    _, folder = saved_sdxl
     save_diffusers_sdxl_lora(folder, tmp_path / "lora")
     path = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
     with safe_open(str(path), "pt") as handle:
@@ -192,12 +183,12 @@ def test_diffusers_sdxl_lora_file_matches_diffusers(sdxl_folder, tmp_path):
     assert torch.equal(again(PROMPT, NEGATIVE, **OPTIONS), ours)
 
 
-def test_bad_sdxl_lora_files_are_one_line_errors(sdxl_folder, tmp_path):
+def test_bad_sdxl_lora_files_are_one_line_errors(saved_sdxl, tmp_path):
     from safetensors.torch import save_file
 
     from ldm.errors import CheckpointError
 
-    pipe, _ = sdxl_folder
+    pipe, _ = saved_sdxl
     width = pipe.text_encoder.embedders[1].config.width
     save_file({"lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(2, width)},
               str(tmp_path / "half.safetensors"))
